@@ -1,0 +1,42 @@
+"""Write README.md from nbs/00_index.ipynb.
+
+nbdev's own `nbdev-readme` renders through Quarto, a separate binary these machines do not carry;
+a README needs only the markdown cells and the visible code cells, which nbformat gives directly.
+Cells marked `#| hide` are left out. `--check` fails if README.md is stale.
+"""
+import sys
+from pathlib import Path
+
+import nbformat
+
+HEADER = "<!-- Generated from nbs/00_index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n"
+
+
+def render(nb_path="nbs/00_index.ipynb"):
+    nb = nbformat.read(nb_path, as_version=4)
+    parts = []
+    for c in nb.cells:
+        src = c.source.strip()
+        if not src or src.startswith("#| hide"):
+            continue
+        if c.cell_type == "markdown":
+            parts.append(src)
+        elif c.cell_type == "code":
+            lines = [l for l in src.splitlines() if not l.startswith("#|")]
+            parts.append("```python\n" + "\n".join(lines).strip() + "\n```")
+    return HEADER + "\n\n".join(parts) + "\n"
+
+
+def main():
+    text = render()
+    if "--check" in sys.argv:
+        if not Path("README.md").exists() or Path("README.md").read_text() != text:
+            print("README.md is stale: run tools/sync.sh", file=sys.stderr)
+            return 1
+        return 0
+    Path("README.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

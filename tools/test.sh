@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install (if needed) and run every test: the notebooks' own test cells (nbdev-test), then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh
+export MPLBACKEND=Agg
+.venv/bin/nbdev-test --n_workers 2 --timing
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+# pytest exit 5 = "no tests collected": treat as failure so an empty suite never passes silently.
+if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit $rc
