@@ -9,4 +9,8 @@ d = { 'settings': { 'branch': 'main',
                              'segbook.cli._cmd_data_synth': ('cli.html#_cmd_data_synth', 'segbook/cli.py'),
                              'segbook.cli._cmd_pca_fit': ('cli.html#_cmd_pca_fit', 'segbook/cli.py'),
                              'segbook.cli.build_parser': ('cli.html#build_parser', 'segbook/cli.py'),
-                             'segbook.cli.main': ('cli.html#main', 'segbook/cli.py')}}}
+                             'segbook.cli.main': ('cli.html#main', 'segbook/cli.py')},
+            'segbook.viz': { 'segbook.viz.draw_instances': ('viz.html#draw_instances', 'segbook/viz.py'),
+                             'segbook.viz.figures_dir': ('viz.html#figures_dir', 'segbook/viz.py'),
+                             'segbook.viz.instance_colors': ('viz.html#instance_colors', 'segbook/viz.py'),
+                             'segbook.viz.save_figure': ('viz.html#save_figure', 'segbook/viz.py')}}}
