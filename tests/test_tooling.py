@@ -1,0 +1,62 @@
+"""The checks CI relies on must be able to fail: twin drift and a stale README are caught."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture
+def mini_repo(tmp_path):
+    (tmp_path / "nbs").mkdir(); (tmp_path / "twins").mkdir(); (tmp_path / "tools").mkdir()
+    for f in ("check_twins.py", "make_readme.py"):
+        shutil.copy(REPO / "tools" / f, tmp_path / "tools" / f)
+    nb = jupytext.reads("# %% [markdown]\n# # Title\n\n# %%\nx = 1\n", fmt="py:percent")
+    jupytext.write(nb, tmp_path / "nbs" / "00_index.ipynb")
+    jupytext.write(nb, tmp_path / "twins" / "00_index.py", fmt="py:percent")
+    return tmp_path
+
+
+def test_twins_in_sync_pass(mini_repo):
+    r = _run(["tools/check_twins.py"], mini_repo)
+    assert r.returncode == 0, r.stderr
+
+
+def test_twin_drift_fails(mini_repo):
+    twin = mini_repo / "twins" / "00_index.py"
+    twin.write_text(twin.read_text().replace("x = 1", "x = 2"))
+    r = _run(["tools/check_twins.py"], mini_repo)
+    assert r.returncode == 1 and "differ" in r.stderr
+
+
+def test_missing_twin_fails(mini_repo):
+    (mini_repo / "twins" / "00_index.py").unlink()
+    r = _run(["tools/check_twins.py"], mini_repo)
+    assert r.returncode == 1 and "no twin" in r.stderr
+
+
+def test_readme_check(mini_repo):
+    assert _run(["tools/make_readme.py", "--check"], mini_repo).returncode == 1  # no README yet
+    assert _run(["tools/make_readme.py"], mini_repo).returncode == 0
+    text = (mini_repo / "README.md").read_text()
+    assert "# Title" in text and "x = 1" in text
+    assert _run(["tools/make_readme.py", "--check"], mini_repo).returncode == 0
+
+
+def test_repo_readme_is_current():
+    assert _run(["tools/make_readme.py", "--check"], REPO).returncode == 0
+
+
+def test_cli_help_lists_subcommands():
+    from segbook.cli import build_parser
+    text = build_parser().format_help()
+    for cmd in ("data", "pca-fit"):
+        assert cmd in text
