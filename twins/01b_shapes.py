@@ -1,0 +1,348 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Shapes: a synthetic dataset that is hard at the boundary
+#
+# > A seeded generator that writes real COCO JSON and PNG images: eight shape classes that differ in boundary detail, occluding each other, on textured backgrounds. The book's default dataset for CPU runs.
+
+# %%
+#| default_exp shapes
+
+# %% [markdown]
+# Both papers are about the *boundary*: ISTR compresses a mask into a few PCA coefficients (how much
+# detail survives?), Mask Transfiner refines exactly the pixels near the boundary that a coarse mask
+# gets wrong. A toy dataset of filled squares would make both look perfect. So the classes here are
+# told apart mostly by their outline:
+#
+# | class | what makes it hard |
+# |---|---|
+# | ellipse | the easy baseline (convex, smooth) |
+# | triangle | sharp corners |
+# | notched_square | a rectangular notch: a concavity with right angles |
+# | ring | a hole: the mask is not simply connected |
+# | cross | thin arms, a few pixels wide at 128² |
+# | star | 6–11 thin spikes: high-frequency outline |
+# | pacman | a wedge cut out of a disc |
+# | crescent | a disc minus an offset disc: thin horns |
+#
+# Colour is drawn independently of class, so colour carries no label information; backgrounds are
+# gradients with optional stripes and pixel noise; 1–10 objects per image overlap, later ones on top.
+# Everything is written in COCO format (compressed RLE masks), so the same `segbook.data.CocoInstances`
+# reads it, pycocotools evaluates it, and the code path is the one used for real COCO.
+
+# %%
+#| export
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+
+# %% [markdown]
+# ## Shapes as membership functions
+#
+# Each class is a function of local coordinates `(u, v)` — the pixel position relative to the shape's
+# centre, divided by its radius and rotated — returning whether the point lies inside. Every shape fits
+# in the unit disc. A shape draws its own random parameters (aspect ratio, number of spikes, hole size)
+# from the generator it is given, once per object, so one call rasterises the whole object.
+# No drawing library gives anti-aliased *and* exactly matching binary masks of rings and crescents,
+# so these ten lines of geometry are written by hand.
+
+# %%
+#| export
+def ellipse(u, v, rng):
+    "Filled ellipse, semi-axes 1 and b ∈ [0.45, 1]."
+    b = rng.uniform(0.45, 1.0)
+    return u * u + (v / b) ** 2 <= 1
+
+def triangle(u, v, rng):
+    "Triangle with vertices on the unit circle at jittered 120° spacing (sharp corners)."
+    ang = np.pi / 2 + np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.3, 0.3, 3)
+    px, py = np.cos(ang), np.sin(ang)
+    inside = np.ones(u.shape, bool)
+    for i in range(3):  # counter-clockwise vertices: inside = left of every edge
+        j = (i + 1) % 3
+        inside &= (px[j] - px[i]) * (v - py[i]) - (py[j] - py[i]) * (u - px[i]) >= 0
+    return inside
+
+def notched_square(u, v, rng):
+    "Square of half-side 0.7 with a rectangular notch cut into one side (a right-angled concavity)."
+    depth, half_width = rng.uniform(0.5, 0.9), rng.uniform(0.12, 0.3)
+    square = (np.abs(u) <= 0.7) & (np.abs(v) <= 0.7)
+    notch = (u >= 0.7 - depth) & (np.abs(v) <= half_width)
+    return square & ~notch
+
+def ring(u, v, rng):
+    "Elliptical annulus: outer radius 1, hole radius 0.45–0.7 (not simply connected)."
+    b, r_in = rng.uniform(0.7, 1.0), rng.uniform(0.45, 0.7)
+    r2 = u * u + (v / b) ** 2
+    return (r2 <= 1) & (r2 >= r_in * r_in)
+
+def cross(u, v, rng):
+    "Plus sign with thin arms (half-width 0.12–0.22 of the radius)."
+    w = rng.uniform(0.12, 0.22)
+    return ((np.abs(u) <= w) & (np.abs(v) <= 1)) | ((np.abs(v) <= w) & (np.abs(u) <= 1))
+
+def star(u, v, rng):
+    "Star with 6–11 spikes: radius oscillates between r_in ∈ [0.35, 0.5] and 1."
+    n, r_in = rng.integers(6, 12), rng.uniform(0.35, 0.5)
+    t = (np.arctan2(v, u) * n / (2 * np.pi)) % 1.0
+    spike = 1 - np.abs(2 * t - 1)  # 0 between spikes, 1 at a tip
+    return np.hypot(u, v) <= r_in + (1 - r_in) * spike
+
+def pacman(u, v, rng):
+    "Unit disc with a wedge (mouth) of 50°–100° removed."
+    mouth = np.deg2rad(rng.uniform(50, 100))
+    return (u * u + v * v <= 1) & (np.abs(np.arctan2(v, u)) >= mouth / 2)
+
+def crescent(u, v, rng):
+    "Unit disc minus an offset disc: two thin horns."
+    d, r = rng.uniform(0.35, 0.6), rng.uniform(0.75, 0.95)
+    return (u * u + v * v <= 1) & ((u - d) ** 2 + v * v > r * r)
+
+SHAPES = {f.__name__: f for f in (ellipse, triangle, notched_square, ring, cross, star, pacman, crescent)}
+CLASSES = tuple(SHAPES)
+# Rough fraction of the unit disc each shape fills (used only to aim an object at a target area).
+FILL = {"ellipse": 0.72, "triangle": 0.41, "notched_square": 0.53, "ring": 0.57,
+        "cross": 0.4, "star": 0.42, "pacman": 0.79, "crescent": 0.35}
+
+
+# %% [markdown]
+# ## Rasterising one object
+#
+# The object's bounding square is sampled `ss`×`ss` times per pixel (pixel `i` covers `[i, i+1)`),
+# and the coverage — the fraction of sub-samples inside — is the anti-aliasing alpha used to paint
+# the image; the binary mask is `coverage ≥ 0.5`. Only the object's own patch is evaluated, all of it
+# in one vectorised numpy expression.
+
+# %%
+#| export
+def rasterize(shape, # a membership function such as `star`
+              cx:float, cy:float, # centre in pixels
+              radius:float, # radius in pixels of the unit disc the shape lives in
+              angle:float, # rotation in radians
+              size:int, # image side
+              rng:np.random.Generator, # draws the shape's own parameters
+              ss:int=2): # sub-samples per pixel side
+    "Coverage of `shape` on its patch: `((slice_y, slice_x), coverage [h,w] float32 in [0,1])`."
+    x0, x1 = max(int(np.floor(cx - radius)), 0), min(int(np.ceil(cx + radius)) + 1, size)
+    y0, y1 = max(int(np.floor(cy - radius)), 0), min(int(np.ceil(cy + radius)) + 1, size)
+    sub = ((np.arange(ss) + 0.5) / ss).astype(np.float32)
+    xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + sub).ravel()
+    ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + sub).ravel()
+    dx, dy = (xs[None, :] - cx) / radius, (ys[:, None] - cy) / radius
+    c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    inside = shape(c * dx + s * dy, -s * dx + c * dy, rng)
+    cov = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean((1, 3), dtype=np.float32)
+    return (slice(y0, y1), slice(x0, x1)), cov
+
+
+# %% [markdown]
+# ## Sizes: COCO's small / medium / large, relative to the image
+#
+# COCO calls an object small below 32² pixels and large above 96², for images of about 640×480. At
+# 128² those absolute thresholds would make nearly everything small, so shapes rescales them by the
+# image area: `small < 32²·S²/(640·480)`, `large > 96²·S²/(640·480)` (55 and 492 px² at S=128). The
+# thresholds are written into the JSON's `info.area_rng` so evaluation can use the same buckets.
+# Each object picks a bucket (30% / 40% / 30%), then an area log-uniformly inside it.
+
+# %%
+#| export
+def area_thresholds(size:int) -> tuple:
+    "COCO's small/medium and medium/large area thresholds (32², 96² at 640×480) rescaled to a `size`² image."
+    k = size * size / (640 * 480)
+    return 32 ** 2 * k, 96 ** 2 * k
+
+def _sample_area(rng, size):
+    t1, t2 = area_thresholds(size)
+    lo, hi = {0: (0.0015 * size * size, t1), 1: (t1, t2), 2: (t2, 0.22 * size * size)}[rng.choice(3, p=[0.3, 0.4, 0.3])]
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+# %% [markdown]
+# ## Backgrounds and occlusion
+#
+# A background is a linear gradient between two random colours, with stripes of random frequency
+# and orientation on 60% of images; Gaussian pixel noise goes over the finished image.
+#
+# Objects are drawn in order, later ones on top. The *visible* mask of an object is where it is the
+# top-most: we keep a label map (index of the top-most object per pixel). An object whose visible area
+# is below `max(min_visible_px, min_visible_frac · full area)` is removed from the image altogether
+# (not just from the annotations, so no unlabelled object is left in the picture). Removing an object
+# only uncovers pixels, so every other object's visible area can only grow: one pass suffices.
+
+# %%
+#| export
+def _background(rng, size):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    phi = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(phi) + yy * np.sin(phi)
+    t = (t - t.min()) / (t.max() - t.min() + 1e-6)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = c0 + (c1 - c0) * t[..., None]
+    if rng.random() < 0.6:
+        psi, freq, amp = rng.uniform(0, np.pi), rng.uniform(3, 14), rng.uniform(8, 30)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(psi) + yy * np.sin(psi)) + rng.uniform(0, 2 * np.pi))
+        img = img + amp * wave[..., None] * rng.uniform(0.5, 1.0, 3)
+    return img.astype(np.float32)
+
+def _label_map(objects, size):
+    lm = np.full((size, size), -1, np.int16)
+    for i, o in enumerate(objects):
+        lm[o["slice"]][o["mask"]] = i
+    return lm
+
+def make_shapes_image(rng:np.random.Generator, # the image's own generator
+                      size:int=128, # image side in pixels
+                      max_objects:int=10, # objects per image are drawn from 1..max_objects
+                      min_visible_px:float|None=None, # drop objects showing fewer pixels (default 0.0008·size²)
+                      min_visible_frac:float=0.3, # ... or less than this fraction of themselves
+                      ss:int=2): # anti-aliasing sub-samples per pixel side
+    "One image: `(image [S,S,3] uint8, visible masks [N,S,S] bool, labels [N] int64 in 0..7)`."
+    min_px = 0.0008 * size * size if min_visible_px is None else min_visible_px
+    img = _background(rng, size)
+    objects = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        label = int(rng.integers(len(CLASSES)))
+        name = CLASSES[label]
+        radius = float(np.sqrt(_sample_area(rng, size) / (np.pi * FILL[name])))
+        cx, cy = rng.uniform(0.05, 0.95, 2) * size
+        sl, cov = rasterize(SHAPES[name], cx, cy, radius, rng.uniform(0, 2 * np.pi), size, rng, ss)
+        mask = cov >= 0.5
+        if not mask.any():
+            continue
+        patch_mean = img[sl].reshape(-1, 3).mean(0)  # pick a colour that stands out from the background
+        for _ in range(20):
+            color = rng.uniform(0, 255, 3).astype(np.float32)
+            if np.abs(color - patch_mean).sum() > 120:
+                break
+        shade = rng.uniform(-25, 25) * np.linspace(-1, 1, cov.shape[1], dtype=np.float32)[None, :, None]
+        objects.append(dict(label=label, slice=sl, cov=cov, mask=mask, full=int(mask.sum()), paint=color + shade))
+    lm = _label_map(objects, size)
+    visible = np.bincount(lm.ravel().astype(np.int64) + 1, minlength=len(objects) + 1)[1:]
+    keep = [o for o, a in zip(objects, visible) if a >= max(min_px, min_visible_frac * o["full"])]
+    if len(keep) < len(objects):
+        objects, lm = keep, _label_map(keep, size)
+    for o in objects:
+        a = o["cov"][..., None]
+        img[o["slice"]] = img[o["slice"]] * (1 - a) + o["paint"] * a
+    img = img + rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+    masks = lm[None] == np.arange(len(objects), dtype=np.int16)[:, None, None]
+    labels = np.array([o["label"] for o in objects], np.int64)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), masks, labels
+
+
+# %% [markdown]
+# ## Writing the dataset
+#
+# Each image has its own generator seeded with `(seed, split, index)`, so image *k* is the same
+# whatever `n_train` is, and the same seed gives byte-identical JSON (and PNGs). Masks are stored as
+# compressed RLE (`pycocotools.mask.encode`), and `bbox`/`area` are computed from the stored visible
+# mask by pycocotools, so they agree with it exactly. Category ids are 1..8, as in COCO (ids are not
+# contiguous labels; `CocoInstances` maps them).
+
+# %%
+#| export
+def _atomic_write_text(path:Path, text:str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+def shapes_coco_split(out:Path, # dataset root
+                      split:str, # 'train' or 'val'
+                      n:int, # number of images
+                      size:int, seed:int, progress:bool=False) -> dict:
+    "Write `out/split/*.png` and return the split's COCO dict (not yet written)."
+    from tqdm.auto import tqdm
+    img_dir = Path(out) / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    split_code = {"train": 0, "val": 1}.get(split, zlib.crc32(split.encode()) + 2)
+    t1, t2 = area_thresholds(size)
+    coco = {"info": {"description": "segbook shapes: seeded synthetic instance segmentation", "version": "1",
+                     "seed": seed, "size": size, "split": split,
+                     "area_rng": {"all": [0, 1e10], "small": [0, t1], "medium": [t1, t2], "large": [t2, 1e10]}},
+            "licenses": [], "images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]}
+    for i in tqdm(range(n), desc=f"shapes {split}", disable=not progress, leave=False):
+        image, masks, labels = make_shapes_image(np.random.default_rng([seed, split_code, i]), size)
+        name = f"{i + 1:06d}.png"
+        Image.fromarray(image).save(img_dir / name, compress_level=1)
+        coco["images"].append({"id": i + 1, "file_name": name, "height": size, "width": size})
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        for rle, area, box, label in zip(rles, mask_utils.area(rles), mask_utils.toBbox(rles), labels):
+            coco["annotations"].append({
+                "id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                "area": int(area), "bbox": [float(b) for b in box], "iscrowd": 0})
+    return coco
+
+def write_shapes_dataset(out, # output folder (gets annotations/, train/, val/)
+                         n_train:int=2000, # training images
+                         n_val:int=200, # validation images
+                         size:int=128, # image side (128 for CPU runs, 512 for GPU runs)
+                         seed:int=0, # same seed → byte-identical JSON and images
+                         progress:bool=False) -> dict:
+    "Write the shapes dataset in COCO layout; returns a JSON-serialisable summary (paths, counts, seconds)."
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = {"root": str(out), "size": size, "seed": seed, "classes": list(CLASSES)}
+    for split, n in (("train", n_train), ("val", n_val)):
+        coco = shapes_coco_split(out, split, n, size, seed, progress)
+        ann = out / "annotations" / f"instances_{split}.json"
+        _atomic_write_text(ann, json.dumps(coco, separators=(",", ":")))
+        summary[split] = {"annotations": str(ann), "images": str(out / split),
+                          "n_images": n, "n_instances": len(coco["annotations"])}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+# %% [markdown]
+# ## Example
+
+# %%
+import tempfile
+import matplotlib.pyplot as plt
+from segbook.viz import draw_instances, save_figure
+
+img, masks, labels = make_shapes_image(np.random.default_rng(3), 128)
+img.shape, masks.shape, [CLASSES[l] for l in labels]
+
+# %%
+assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+assert masks.ndim == 3 and masks.shape[1:] == (128, 128) and len(masks) == len(labels) >= 1
+assert masks.sum(0).max() <= 1, "visible masks of one image never overlap"
+assert len(CLASSES) >= 6
+a, b = make_shapes_image(np.random.default_rng(3), 128), make_shapes_image(np.random.default_rng(3), 128)
+assert all(np.array_equal(x, y) for x, y in zip(a, b)), "same generator state, same image"
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+info = write_shapes_dataset(tmp / "shapes", n_train=16, n_val=4, size=128, seed=0)
+info
+
+# %%
+from pycocotools.coco import COCO
+d = json.loads(Path(info["train"]["annotations"]).read_text())
+assert len(d["images"]) == 16 and len(d["annotations"]) == info["train"]["n_instances"]
+assert {c["name"] for c in d["categories"]} == set(CLASSES)
+assert all(1 <= sum(a["image_id"] == im["id"] for a in d["annotations"]) <= 10 for im in d["images"])
+again = write_shapes_dataset(tmp / "again", n_train=16, n_val=4, size=128, seed=0)
+assert Path(again["train"]["annotations"]).read_bytes() == Path(info["train"]["annotations"]).read_bytes()
