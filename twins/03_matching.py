@@ -373,6 +373,8 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
 # copies of them, everything else is random. Image 1 has no objects.
 
 # %%
+torch.set_num_threads(1)  # the examples are tiny: one thread avoids OpenMP overhead on small CPUs
+
 class OrthoCodec(torch.nn.Module):
     "Stand-in codec for examples and tests: a random orthonormal basis of the s² pixel space."
     def __init__(self, s=28, l=16, seed=0):
@@ -460,3 +462,119 @@ bad = dict(pred, mask_embed=pred["mask_embed"].clone()); bad["mask_embed"][0, 5]
 assert raises(lambda: hungarian_match(bad, targets, MatchingConfig(), codec), "image 0", "mask")
 bad = dict(pred, boxes=pred["boxes"].clone()); bad["boxes"][0, 2, 0] = float("inf")
 assert raises(lambda: hungarian_match(bad, targets, MatchingConfig(), codec), "image 0", "l1")
+
+# %% [markdown]
+# ## Figure: the cost terms on a real COCO image
+#
+# One coco-mini val image. "Predictions" are its GT instances with jittered boxes, noisy class
+# logits and noisy embeddings, plus four random queries, in shuffled order. The codec is a quick
+# PCA (l = 20, closed-form `eigh` of the covariance of the split's 28×28 GT-box crops, mean
+# subtracted; chapter 02 builds the real one). Each heat-map is one term of Eq. 4 over
+# queries × GT; the red rings mark σ*.
+
+# %%
+import os
+from pathlib import Path
+
+def find_coco_mini() -> Path:
+    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
+    if os.environ.get("SEGBOOK_COCO_MINI"):
+        return Path(os.environ["SEGBOOK_COCO_MINI"])
+    for d in [Path.cwd(), *Path.cwd().parents]:
+        if (d / "shared" / "coco-mini").is_dir():
+            return d / "shared" / "coco-mini"
+    return Path("shared/coco-mini")
+
+COCO_MINI = find_coco_mini()
+COCO_MINI.exists()
+
+
+# %%
+class TinyPCA(torch.nn.Module):
+    "Mean-centred PCA of flattened s×s crops (closed form): encode = (m − μ)·D, decode = clamp(r·Dᵀ + μ)."
+    def __init__(self, crops, l=20):
+        super().__init__()
+        x = crops.flatten(1).double()
+        self.s, mean = crops.shape[-1], x.mean(0)
+        evals, evecs = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("D", evecs[:, -l:].flip(1).float())
+    def encode(self, m): return (m.flatten(1).float() - self.mean) @ self.D
+    def decode(self, r): return (r @ self.D.T + self.mean).clamp(0, 1).view(-1, self.s, self.s)
+
+if COCO_MINI.exists():
+    from PIL import Image
+    from pycocotools.coco import COCO
+    from segbook.embeddings import crop_and_resize_masks
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(COCO_MINI / "annotations" / "instances_val2017.json"))
+    cat_index = {c: i for i, c in enumerate(sorted(coco.getCatIds()))}
+
+    def coco_target(img_id):
+        "GT boxes (xyxy), contiguous labels and full-image masks of one image, crowd excluded."
+        info = coco.loadImgs(img_id)[0]
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)) if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).view(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])) if anns else torch.zeros(0, info["height"], info["width"], dtype=torch.uint8)
+        return dict(boxes=boxes, labels=torch.tensor([cat_index[a["category_id"]] for a in anns], dtype=torch.int64),
+                    size=torch.tensor([info["height"], info["width"]]), masks=masks), info
+
+    crops = torch.cat([crop_and_resize_masks(t["masks"], t["boxes"], 28) for t, _ in map(coco_target, coco.getImgIds())])
+    pca = TinyPCA(crops, l=20)
+    img_id = next(i for i in sorted(coco.getImgIds()) if 5 <= len(coco.getAnnIds(imgIds=i, iscrowd=False)) <= 7)
+    target, info = coco_target(img_id)
+    crops.shape, len(target["labels"])
+
+# %%
+if COCO_MINI.exists():
+    g = torch.Generator().manual_seed(0)
+    t = prepare_targets([target], 28, pca)[0]
+    N, C, extra = len(t["labels"]), 80, 4
+    Q = N + extra
+    wh = (t["boxes"][:, 2:] - t["boxes"][:, :2]).repeat(1, 2)
+    H_, W_ = info["height"], info["width"]
+    logits = torch.randn(Q, C, generator=g) - 4
+    logits[torch.arange(N), t["labels"]] = 1.5 + torch.randn(N, generator=g)
+    jittered = t["boxes"] + 0.12 * wh * torch.randn(N, 4, generator=g)
+    xy = torch.rand(extra, 2, generator=g) * torch.tensor([W_ * 0.6, H_ * 0.6])
+    boxes = torch.cat([jittered, torch.cat([xy, xy + torch.tensor([W_ * 0.3, H_ * 0.3])], 1)])
+    spread = t["mask_embed"].std()
+    embed = torch.cat([t["mask_embed"] + 0.5 * spread * torch.randn(N, 20, generator=g), spread * torch.randn(extra, 20, generator=g)])
+    order = torch.randperm(Q, generator=g)                  # query q holds planted object order[q] (≥ N: random)
+    fig_pred = {k: v[order][None] for k, v in dict(logits=logits, boxes=boxes, mask_embed=embed).items()}
+    total, terms = matching_cost(fig_pred, [t], MatchingConfig(), pca)
+    q_idx, g_idx = hungarian_match(fig_pred, [t], MatchingConfig(), pca)[0]
+    assert (order[q_idx] == g_idx).all()                    # σ* finds every planted query
+    list(zip(q_idx.tolist(), g_idx.tolist()))
+
+# %%
+if COCO_MINI.exists():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from segbook.viz import draw_instances, save_figure
+
+    cfg = MatchingConfig()
+    names = [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))]
+    panels = [("class (Eq. 6, focal)", cfg.weight_class, terms["class"]), ("L1 (Eq. 5)", cfg.weight_l1, terms["l1"]),
+              ("−GIoU (Eq. 5)", cfg.weight_giou, terms["giou"]), ("mask cosine (Eq. 7)", cfg.weight_mask, terms["mask"]),
+              ("total (Eq. 4)", 1.0, total[0])]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
+    image = np.asarray(Image.open(COCO_MINI / "val2017" / info["file_name"]).convert("RGB"))
+    ax = axes[0, 0]
+    ax.imshow(draw_instances(image, t["masks"], t["boxes"], [f"GT{i} {names[c]}" for i, c in enumerate(t["labels"].tolist())]))
+    for q, gi in zip(q_idx.tolist(), g_idx.tolist()):
+        x0, y0, x1, y1 = fig_pred["boxes"][0, q].tolist()
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=1.2, ec="white"))
+        ax.text(x0, y1, f"q{q}→GT{gi}", color="white", fontsize=7, va="top", bbox=dict(fc="black", alpha=0.5, lw=0, pad=1))
+    ax.set_title(f"coco val {img_id}: GT (colour), matched queries (dashed)", fontsize=9); ax.axis("off")
+    for ax, (title, w_, m) in zip(axes.flat[1:], panels):
+        im = ax.imshow((w_ * m).numpy(), cmap="viridis", aspect="auto")
+        ax.scatter(g_idx, q_idx, s=90, facecolors="none", edgecolors="red", lw=1.5)
+        ax.set_title(f"{w_:g} · {title}" if w_ != 1 else title, fontsize=9)
+        ax.set_xlabel("GT instance"); ax.set_ylabel("query")
+        ax.set_xticks(range(N)); ax.set_yticks(range(Q))
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    save_figure(fig, "matching_costs.png");

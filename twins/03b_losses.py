@@ -202,6 +202,8 @@ class SetCriterion(nn.Module):
 # makes its own term positive.
 
 # %%
+torch.set_num_threads(1)  # the examples are tiny: one thread avoids OpenMP overhead on small CPUs
+
 class OrthoCodec(nn.Module):
     "Stand-in codec for examples and tests: a random orthonormal basis of the s² pixel space."
     def __init__(self, s=28, l=16, seed=0):
