@@ -26,11 +26,11 @@ class DataConfig:
     root: str = "../shared/coco-mini"  # dataset root: annotations/instances_{split}.json + {split}/
     train_split: str = "train2017"
     val_split: str = "val2017"
-    min_size: list = field(default_factory=_shorter_sides)  # shorter side drawn from these in training
-    max_size: int = 1333  # longer side at most this (training and test)
-    max_size_cap: int = 1333  # hard cap on either side after resizing (guards memory on odd aspect ratios)
-    test_min_size: int = 800  # shorter side at test time
-    flip: bool = True  # random horizontal flip in training
+    min_size: list = field(default_factory=_shorter_sides)  # training shorter side: one of these (or, with max_size, the range's low end)
+    max_size: typing.Optional[int] = None  # with a single min_size: shorter side drawn uniformly in [min_size, max_size]
+    max_size_cap: int = 1333  # the longer side is at most this (training and test)
+    test_size: typing.Optional[int] = None  # test-time shorter side; None: the largest training size
+    flip: float = 0.5  # horizontal-flip probability in training (0 switches it off)
     batch_size: int = 16  # global batch: divided by the number of processes
     num_workers: int = 2  # data-loader worker processes per training process
 
@@ -71,6 +71,9 @@ class ConfigError(ValueError):
 
 def _check_value(value, typ, where:str):
     "Return `value` converted to the field type `typ`, or raise `ConfigError` naming `where`."
+    if typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ):  # Optional[X]
+        if value is None: return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is float:
         if isinstance(value, bool): raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, (int, float)): return float(value)

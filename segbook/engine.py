@@ -315,6 +315,11 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
             warnings.warn(f"{last}: saved with {ck['data']['world_size']} processes x {ck['data']['per_rank_batch']}"
                           f" images, resumed with {info.world_size} x {per_rank_batch}: data order and RNG not exact")
         restore_rng_state(ck["rng"][min(info.rank, len(ck["rng"]) - 1)])
+        saved = {k: v for k, v in ck.get("config", {}).get("solver", {}).items() if k != "max_iters"}
+        changed = sorted(k for k, v in config_to_dict(cfg)["solver"].items() if k in saved and saved[k] != v)
+        if changed:
+            warnings.warn(f"{last}: solver.{', solver.'.join(changed)} differ from the checkpoint's; the optimizer "
+                          "and schedule continue with the checkpoint's settings (only max_iters may change)")
     else:
         if resume: warnings.warn(f"resume: no {last}; starting from iteration 0")
         seed_everything(cfg.seed + info.rank)

@@ -167,6 +167,34 @@ def test_seeded_samples_independent_of_workers_and_caller_rng():
     assert any(not torch.equal(seeds_differ[0], x) for x in seeds_differ)  # the seed does drive the flip
 
 
+def _coco_mini():
+    env = os.environ.get("SEGBOOK_COCO_MINI")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "coco-mini"
+
+
+def test_real_transforms_give_same_batches_with_and_without_workers():
+    "COCO images through segbook.data's random resize + flip: the batch stream is a function of the seed only."
+    data = pytest.importorskip("segbook.data")
+    root = _coco_mini()
+    if not (root / "annotations" / "instances_val2017.json").exists():
+        pytest.skip(f"no coco-mini at {root}")
+    ds = data.CocoInstances(root, "val2017", transforms=data.build_transforms(True, min_size=[64, 96, 128], max_size_cap=160))
+    ds = torch.utils.data.Subset(ds, range(4))
+    def batches(workers, start=0):
+        loader = build_train_loader(ds, 2, seed=3, collate_fn=data.collate, num_workers=workers, rank=0, world_size=1)
+        loader.sampler.set_start(start)
+        it = iter(loader)
+        return [next(it) for _ in range(3 - start // 2)]
+    a, b, c = batches(0), batches(2), batches(0, start=2)
+    sizes = {tuple(t["size"].tolist()) for imgs, ts in a for t in ts}
+    assert len(sizes) > 1  # the random resize did draw different sizes
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert torch.equal(ia, ib) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tb))
+    assert len(c) == 2
+    for (ia, _), (ic, _) in zip(a[1:], c):  # resumed after 1 batch: the same tail (batch 3 starts epoch 2)
+        assert torch.equal(ia, ic)
+
+
 def test_global_batch_must_divide():
     with pytest.raises(ConfigError, match="batch_size"):
         build_train_loader(ToySquares(8), batch_size=5, seed=0, rank=0, world_size=2)
@@ -207,6 +235,13 @@ def test_resume_after_stop_is_exact(tmp_path):
     resumed, _ = toy_run(tmp_path / "part", toy_cfg(30), resume=True)  # fresh model, optimizer, loader
     assert same_weights(full, resumed)
     assert metrics(tmp_path / "full") == metrics(tmp_path / "part")
+
+
+def test_resume_with_changed_solver_warns(tmp_path):
+    toy_run(tmp_path, toy_cfg(10))
+    cfg = toy_cfg(12); cfg.solver.lr = 5e-3
+    with pytest.warns(UserWarning, match="solver.lr"):
+        toy_run(tmp_path, cfg, resume=True)
 
 
 def test_resume_without_checkpoint_warns(tmp_path):

@@ -49,7 +49,8 @@ import yaml
 # - `warmup_method` — `'linear'` is what both official configs run; the Transfiner paper says
 #   `'constant'`.
 #
-# `data.batch_size` is the **global** batch, split evenly over the processes of a distributed run
+# The `data` fields are the arguments of `segbook.data.build_transforms` (`min_size`, `max_size`,
+# `max_size_cap`, `flip` probability, `test_size`). `data.batch_size` is the **global** batch, split evenly over the processes of a distributed run
 # (ISTR: 16 = 4 GPUs x 4 images), so the same file gives the same optimisation on 1 or N GPUs.
 
 # %%
@@ -62,11 +63,11 @@ class DataConfig:
     root: str = "../shared/coco-mini"  # dataset root: annotations/instances_{split}.json + {split}/
     train_split: str = "train2017"
     val_split: str = "val2017"
-    min_size: list = field(default_factory=_shorter_sides)  # shorter side drawn from these in training
-    max_size: int = 1333  # longer side at most this (training and test)
-    max_size_cap: int = 1333  # hard cap on either side after resizing (guards memory on odd aspect ratios)
-    test_min_size: int = 800  # shorter side at test time
-    flip: bool = True  # random horizontal flip in training
+    min_size: list = field(default_factory=_shorter_sides)  # training shorter side: one of these (or, with max_size, the range's low end)
+    max_size: typing.Optional[int] = None  # with a single min_size: shorter side drawn uniformly in [min_size, max_size]
+    max_size_cap: int = 1333  # the longer side is at most this (training and test)
+    test_size: typing.Optional[int] = None  # test-time shorter side; None: the largest training size
+    flip: float = 0.5  # horizontal-flip probability in training (0 switches it off)
     batch_size: int = 16  # global batch: divided by the number of processes
     num_workers: int = 2  # data-loader worker processes per training process
 
@@ -118,6 +119,9 @@ class ConfigError(ValueError):
 
 def _check_value(value, typ, where:str):
     "Return `value` converted to the field type `typ`, or raise `ConfigError` naming `where`."
+    if typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ):  # Optional[X]
+        if value is None: return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is float:
         if isinstance(value, bool): raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, (int, float)): return float(value)
@@ -234,7 +238,7 @@ model: {num_queries: 20, hidden_dim: 64}
 data: {root: data/shapes, train_split: train, val_split: val, min_size: [128], batch_size: 4}
 solver: {lr: 1e-4, warmup_iters: 10, steps: [80], max_iters: 100}
 """)
-cfg = load_config(d / "tiny.yaml", ["solver.amp=bf16", "model.num_queries=50", "data.flip=false"])
+cfg = load_config(d / "tiny.yaml", ["solver.amp=bf16", "model.num_queries=50", "data.flip=0"])
 cfg.solver, cfg.model
 
 # %%
@@ -246,7 +250,7 @@ except ConfigError as e: print(e)
 
 # %%
 assert isinstance(cfg.solver.lr, float) and cfg.solver.lr == 1e-4  # '1e-4' arrives as a YAML string
-assert cfg.solver.amp == "bf16" and cfg.model == {"num_queries": 50, "hidden_dim": 64} and cfg.data.flip is False
+assert cfg.solver.amp == "bf16" and cfg.model == {"num_queries": 50, "hidden_dim": 64} and cfg.data.flip == 0.0
 assert cfg.data.min_size == [128] and cfg.solver.steps == [80] and cfg.seed == 40244023  # untouched default
 assert load_config(save_config(cfg, d / "saved.yaml")) == cfg  # round trip
 for bad, words in [(["solver.lrr=0.1"], ["solver.lrr", "unknown"]), (["data.batch_size=abc"], ["data.batch_size", "integer"]),

@@ -556,6 +556,11 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
             warnings.warn(f"{last}: saved with {ck['data']['world_size']} processes x {ck['data']['per_rank_batch']}"
                           f" images, resumed with {info.world_size} x {per_rank_batch}: data order and RNG not exact")
         restore_rng_state(ck["rng"][min(info.rank, len(ck["rng"]) - 1)])
+        saved = {k: v for k, v in ck.get("config", {}).get("solver", {}).items() if k != "max_iters"}
+        changed = sorted(k for k, v in config_to_dict(cfg)["solver"].items() if k in saved and saved[k] != v)
+        if changed:
+            warnings.warn(f"{last}: solver.{', solver.'.join(changed)} differ from the checkpoint's; the optimizer "
+                          "and schedule continue with the checkpoint's settings (only max_iters may change)")
     else:
         if resume: warnings.warn(f"resume: no {last}; starting from iteration 0")
         seed_everything(cfg.seed + info.rank)
@@ -643,6 +648,28 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
     if writer: writer.close()
     return {"iteration": max(start, sol.max_iters), "checkpoint": str(last), "metrics": record, "eval": eval_record}
 
+
+# %% [markdown]
+# ## Wiring it to a real model
+#
+# What `segbook train` does, in order (the CLI maps `model_type` to a model class with an explicit
+# `if/elif`). Seed before building the model so the initial weights are the same on every rank; build
+# the training transforms *without* their own `generator` so their draws come from the torch RNG that
+# `SeededSamples` seeds per sample — that is what makes augmentations survive a restart.
+#
+# ```python
+# cfg = load_config(args.config, args.overrides)
+# init_distributed()                      # no-op without torchrun
+# seed_everything(cfg.seed)
+# model = ISTR(ISTRConfig(**cfg.model))   # if cfg.model_type == "istr": ... elif ...
+# tf = build_transforms(True, cfg.data.min_size, cfg.data.max_size, cfg.data.max_size_cap, cfg.data.flip)
+# ds = CocoInstances(cfg.data.root, cfg.data.train_split, transforms=tf)
+# loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
+# train(model, loader, cfg, out_dir, evaluate_fn=my_eval, resume=args.resume)
+# ```
+#
+# Launched as `torchrun --nproc_per_node 4 -m segbook.cli train ...` it runs 4 processes of
+# `batch_size / 4` images each.
 
 # %% [markdown]
 # ## Example: the toy detector learns, and a stopped run resumes exactly
