@@ -232,6 +232,8 @@ def test_resume_after_stop_is_exact(tmp_path):
     full, _ = toy_run(tmp_path / "full", toy_cfg(30))
     stopped, _ = toy_run(tmp_path / "part", toy_cfg(20))          # "killed" after the checkpoint at 20
     assert not same_weights(full, stopped)
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # what a killed run may leave: lines past the
+        f.write('{"iter": 25, "loss": 9.0}\n{"iter": 26, "lo')     # checkpoint, the last one cut short
     resumed, _ = toy_run(tmp_path / "part", toy_cfg(30), resume=True)  # fresh model, optimizer, loader
     assert same_weights(full, resumed)
     assert metrics(tmp_path / "full") == metrics(tmp_path / "part")

@@ -509,9 +509,13 @@ def resolve_device(name:str, info:DistInfo) -> torch.device:
     return torch.device("cpu")
 
 def _truncate_metrics(path:Path, last_iter:int):
-    "Keep the lines of a JSONL metrics file with `iter <= last_iter` (rewritten atomically)."
+    "Keep the complete lines of a JSONL metrics file with `iter <= last_iter` (rewritten atomically)."
     if not path.exists(): return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("iter", 0) <= last_iter]
+    keep = []
+    for line in path.read_text().splitlines():
+        try: rec = json.loads(line)
+        except json.JSONDecodeError: continue  # a line cut short by the kill
+        if rec.get("iter", 0) <= last_iter: keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
 
@@ -534,6 +538,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
     info, sol, out_dir = dist_info(), cfg.solver, Path(out_dir)
     device = resolve_device(cfg.device, info)
     if sol.amp not in ("none", "bf16", "fp16"): raise ConfigError(f"solver.amp: '{sol.amp}' is not none/bf16/fp16")
+    if cfg.log_period < 1: raise ConfigError(f"log_period must be >= 1, got {cfg.log_period}")
     use_amp = sol.amp != "none" and device.type == "cuda"
     if sol.amp != "none" and not use_amp:
         warnings.warn(f"solver.amp={sol.amp} applies to CUDA only; this {device.type} run uses fp32")
