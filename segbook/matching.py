@@ -33,12 +33,15 @@ class MatchingConfig:
     focal_alpha: float = 0.25 # α of the focal-style class cost
     focal_gamma: float = 2.0 # γ of the focal-style class cost
     mask_size: int = 28 # s: GT masks are cropped to their box at s×s
+    cost_layout: str = "auto" # 'batched' (one [B·Q,G] matrix, DETR) | 'per_image' | 'auto': batched on CUDA, per-image on CPU
 
     def __post_init__(self):
         if self.class_cost not in ("focal", "prob"):
             raise ValueError(f"MatchingConfig.class_cost must be 'focal' or 'prob', got {self.class_cost!r}")
         if self.mask_cost not in ("none", "dice", "l1", "cosine"):
             raise ValueError(f"MatchingConfig.mask_cost must be 'none', 'dice', 'l1' or 'cosine', got {self.mask_cost!r}")
+        if self.cost_layout not in ("auto", "batched", "per_image"):
+            raise ValueError(f"MatchingConfig.cost_layout must be 'auto', 'batched' or 'per_image', got {self.cost_layout!r}")
 
 # %% ../nbs/03_matching.ipynb #dcd5edb9
 def prepare_targets(targets:list, # per-image dicts with `boxes`, `labels` and `masks` [N,h,w] or `masks_crop` [N,s,s]
@@ -224,14 +227,23 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
         return [_empty_match() for _ in range(B)]
     if cfg.mask_cost != "none":
         targets = prepare_targets(targets, cfg.mask_size, codec if uses_codec(pred) else None)
-    total, terms = matching_cost(pred, targets, cfg, codec)
-    blocks, out, start = cost_blocks(total, counts), [], 0
+    layout = cfg.cost_layout
+    if layout == "auto":
+        layout = "batched" if pred["logits"].is_cuda else "per_image"
+    if layout == "batched":
+        total, terms = matching_cost(pred, targets, cfg, codec)
+        blocks, starts = cost_blocks(total, counts), np.cumsum([0] + counts)
+        terms_of = lambda b: {k: v.view(B, Q, -1)[b, :, starts[b]:starts[b + 1]] for k, v in terms.items()}
+    else:
+        per = [matching_cost({k: v[b:b + 1] for k, v in pred.items()}, [targets[b]], cfg, codec) if counts[b] else None
+               for b in range(B)]
+        blocks = [cost_blocks(p[0], [counts[b]])[0] if p else np.zeros((Q, 0), np.float32) for b, p in enumerate(per)]
+        terms_of = lambda b: per[b][1]
+    out = []
     for b, c in enumerate(blocks):
         if not np.isfinite(c).all():
-            bad = [k for k, v in terms.items()
-                   if not torch.isfinite(v.view(B, Q, -1)[b, :, start:start + counts[b]]).all()]
+            bad = [k for k, v in terms_of(b).items() if not torch.isfinite(v).all()]
             raise ValueError(f"non-finite matching cost for image {b} from term(s) {bad or ['weighted sum']}: "
                              "check that image's predictions (NaN logits/boxes/embeddings?) and GT boxes")
         out.append(assign(c))
-        start += counts[b]
     return out

@@ -166,3 +166,16 @@ def test_bad_config_and_missing_masks_are_named():
         hungarian_match(pred, targets, MatchingConfig(mask_size=8), OrthoCodec())
     # mask_cost='none' needs no masks at all
     assert [len(p) for p, _ in hungarian_match(pred, targets, MatchingConfig(mask_cost="none"), None)] == [1, 1]
+
+
+def test_batched_and_per_image_layouts_agree():
+    g = torch.Generator().manual_seed(7)
+    codec = OrthoCodec()
+    pred, targets = random_batch(g, [3, 0, 4, 1, 2])
+    a = hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout="batched"), codec)
+    b = hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout="per_image"), codec)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    pred["boxes"][3, 2, 1] = float("nan")
+    for layout in ("batched", "per_image"):
+        with pytest.raises(ValueError, match=r"image 3 from term\(s\) \['l1', 'giou'\]"):
+            hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout=layout), codec)

@@ -1,0 +1,134 @@
+"""Benchmark ISTR's Hungarian matching (segbook.matching) at COCO training scale.
+
+One batch: 16 images x 300 queries, 80 classes, mask embeddings l=60, 1..50 GT per image (seeded).
+Reports the median ms per batch (after warm-up) split into GT encoding (`prepare_targets`), the cost
+computation in both layouts (one batched [B*Q, G] matrix, DETR style, vs one [Q, N_b] matrix per
+image; each including the device->host copy), scipy's linear_sum_assignment (one call per image),
+and the end-to-end `hungarian_match` with cost_layout='auto'. GT masks come as precomputed 28x28
+`masks_crop` (cropping full-image masks is data-dependent and belongs to the data pipeline).
+
+    .venv/bin/python benchmarks/bench_matching.py [--device auto|cpu|cuda] [--repeats 20] [--out PATH]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from segbook.matching import MatchingConfig, assign, cost_blocks, hungarian_match, matching_cost, prepare_targets
+
+
+class OrthoCodec(torch.nn.Module):
+    "Linear stand-in codec with PCA's cost profile: encode = flatten @ D, decode = clamp(r @ D^T)."
+    def __init__(self, s=28, l=60, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.s = s
+        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
+    def encode(self, m): return m.flatten(1).float() @ self.D
+    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
+
+
+def make_batch(B=16, Q=300, C=80, l=60, max_gt=50, H=800, W=1216, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, max_gt + 1, (B,), generator=g).tolist()
+    targets = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([W * 0.7, H * 0.7])
+        wh = 4 + torch.rand(n, 2, generator=g) * torch.tensor([W * 0.3, H * 0.3])
+        targets.append(dict(boxes=torch.cat([xy, xy + wh], 1).to(device),
+                            labels=torch.randint(0, C, (n,), generator=g).to(device),
+                            size=torch.tensor([H, W], device=device),
+                            masks_crop=(torch.rand(n, 28, 28, generator=g) > 0.5).float().to(device)))
+    xy = torch.rand(B, Q, 2, generator=g) * torch.tensor([W * 0.7, H * 0.7])
+    pred = dict(logits=torch.randn(B, Q, C, generator=g),
+                boxes=torch.cat([xy, xy + 4 + torch.rand(B, Q, 2, generator=g) * torch.tensor([W * 0.3, H * 0.3])], -1),
+                mask_embed=torch.randn(B, Q, l, generator=g))
+    return {k: v.to(device) for k, v in pred.items()}, targets, counts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "matching.json"))
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    codec = OrthoCodec().to(device)
+    cfg = MatchingConfig()
+    pred, targets, counts = make_batch(device=device)
+
+    def costs_batched(prepared):
+        with torch.no_grad():
+            return cost_blocks(matching_cost(pred, prepared, cfg, codec)[0], counts)   # one device->host copy
+
+    def costs_per_image(prepared):
+        with torch.no_grad():
+            return [cost_blocks(matching_cost({k: v[b:b + 1] for k, v in pred.items()}, [prepared[b]], cfg, codec)[0], [n])[0]
+                    for b, n in enumerate(counts)]
+
+    times = {k: [] for k in ("prepare_targets", "cost_batched", "cost_per_image", "linear_sum_assignment", "hungarian_match_auto")}
+    for i in range(a.warmup + a.repeats):
+        sync(); t0 = time.perf_counter()
+        prepared = prepare_targets(targets, cfg.mask_size, codec)
+        sync(); t1 = time.perf_counter()
+        blocks = costs_batched(prepared)
+        t2 = time.perf_counter()
+        blocks2 = costs_per_image(prepared)
+        t3 = time.perf_counter()
+        indices = [assign(c) for c in blocks]
+        t4 = time.perf_counter()
+        sync(); t5 = time.perf_counter()
+        hungarian_match(pred, targets, cfg, codec)
+        t6 = time.perf_counter()
+        if i >= a.warmup:
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t6 - t5)):
+                times[k].append(1e3 * dt)
+    assert [len(p) for p, _ in indices] == counts
+    assert all(abs(x - y).max() < 1e-3 for x, y in zip(blocks, blocks2))
+    auto = "batched" if device.type == "cuda" else "per_image"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    result = {
+        "benchmark": "hungarian_match (ISTR Eqs. 4-7)",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
+        "git_commit": commit, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {"batch": len(counts), "queries": pred["logits"].shape[1], "classes": pred["logits"].shape[2],
+                   "embed_dim": pred["mask_embed"].shape[2], "gt_per_image": counts, "gt_total": sum(counts),
+                   "mask_cost": cfg.mask_cost, "class_cost": cfg.class_cost},
+        "repeats": a.repeats, "warmup": a.warmup,
+        "cost_layout_auto": auto,
+        "ms_per_batch_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
+        "ms_per_batch_min": {k: round(min(v), 3) for k, v in times.items()},
+        "notes": "cost_* include the device->host copy; hungarian_match_auto = prepare_targets + cost (auto layout) + "
+                 "linear_sum_assignment; the machine may be shared, so compare min and median.",
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(json.dumps({"median": result["ms_per_batch_median"], "min": result["ms_per_batch_min"]}), "->", out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
