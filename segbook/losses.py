@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .matching import (MatchingConfig, hungarian_match, normalize_boxes, pred_mask_embed,
-                              pred_mask_probs, prepare_targets, uses_codec)
+                              prepare_targets, uses_codec)
 
 # %% ../nbs/03b_losses.ipynb #b22ae91d
 def loss_ce(logits:torch.Tensor, # [B,Q,C] class logits

@@ -207,3 +207,16 @@ def test_learning_free_predictions_converge_to_the_ground_truth(setup):
         if len(gi):
             assert box_iou(params["boxes"][b, qi].detach(), t["boxes"][gi]).diag().min() > 0.9
             assert (params["logits"][b, qi].argmax(-1) == t["labels"][gi]).all()
+
+
+def test_works_with_chapter_02_pca_codec_in_the_official_noisy_logit_whitened_mode():
+    from segbook.embeddings import PCACodec
+    g = torch.Generator().manual_seed(9)
+    comps = torch.linalg.qr(torch.randn(64, 20, generator=g))[0].T.contiguous()
+    codec = PCACodec(comps, torch.zeros(64), torch.full((20,), 3.0), torch.ones(64), size=8, logit=True)
+    targets = toy_targets()
+    pred = random_pred(g, l=20, grad=True)
+    losses = SetCriterion(MatchingConfig(mask_size=8), SetLossConfig(), codec)([pred, pred], targets)
+    assert torch.isfinite(losses["loss"]) and losses["loss_dice_s2"] > 0
+    losses["loss"].backward()
+    assert torch.isfinite(pred["mask_embed"].grad).all() and pred["mask_embed"].grad.abs().sum() > 0

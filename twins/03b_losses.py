@@ -32,9 +32,14 @@
 # - **L_mask** (Eq. 9) = λ_mask·(L_L2(g(m), r̃) + L_dice(m, f(r̃))). In the code, L_L2 is the squared
 #   error averaged over the l dimensions (MSE), and L_dice = 1 − 2Σpt/(Σp² + Σt² + 1e−5) on the
 #   decoded s×s probabilities against the binary GT crop; `mask_loss` selects Table 1c's rows
-#   ('dice', 'l2', 'l2+dice').
+#   ('dice', 'l2', 'l2+dice'). Eq. 9's single λ_mask multiplies both terms; here each has its own
+#   weight (both 2 by default) so they can be tuned apart, as the later official code does.
 #
-# n is the number of GT in the whole batch — summed over GPUs and averaged per GPU under
+# The focal, L1 and GIoU losses are torchvision's. Only the two mask terms are written by hand:
+# torchvision has no dice loss, and the "L2" of Eq. 9 is one line of `F.mse_loss`.
+#
+# Eq. 8 writes 1/n per image; the code (and this chapter) divides by n, the number of GT in the
+# whole batch — summed over GPUs and averaged per GPU under
 # `torch.distributed`, at least 1 — so images with many objects weigh more, as in the code.
 # Each of the 6 refinement stages is matched and supervised on its own with the same weights
 # (deep supervision); the result holds `loss_ce_s1` … `loss_dice_s6` and their λ-weighted sum `loss`.
@@ -50,7 +55,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from segbook.matching import (MatchingConfig, hungarian_match, normalize_boxes, pred_mask_embed,
-                              pred_mask_probs, prepare_targets, uses_codec)
+                              prepare_targets, uses_codec)
 
 
 # %%
