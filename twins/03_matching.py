@@ -290,7 +290,7 @@ def matching_cost(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q,4], `ma
     terms = {
         "class": cost_class(pred["logits"].flatten(0, 1), labels, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
         "l1": cost_box_l1(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0)),
-                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0))),
+                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0, output_size=len(labels)))),
         "giou": cost_box_giou(boxes, gt_boxes),
     }
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
