@@ -144,21 +144,28 @@ def boundary_band(mask, # [H,W] bool/0-1: one instance mask
                  ) -> np.ndarray: # [H,W] bool: mask pixels within chessboard distance d of background
     "The boundary band G_d ∩ G of (B2): G minus its d-fold 3x3 erosion, image border counting as background."
     m = _as_numpy(mask).astype(bool)
-    band = np.zeros_like(m)
     rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    if rows.size == 0: return band
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = m[r0:r1, c0:c1]
-    eroded = ndimage.minimum_filter(crop.view(np.uint8), size=2 * int(dilation) + 1, mode="constant", cval=0)
-    band[r0:r1, c0:c1] = crop & (eroded == 0)
+    band = np.zeros_like(m)
+    if rows.size: _band_in_box(m, band, (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), dilation)
     return band
+
+def _band_in_box(mask:np.ndarray, out:np.ndarray, box:tuple, dilation:int):
+    "Write the band of `mask` into `out` (same shape), working only inside `box` = (r0, r1, c0, c1) ⊇ the mask."
+    r0, r1, c0, c1 = box
+    crop = mask[r0:r1, c0:c1].view(np.uint8)  # [h,w] 0/1
+    eroded = ndimage.minimum_filter(crop, size=2 * int(dilation) + 1, mode="constant", cval=0)  # ε^d, outside = 0
+    out[r0:r1, c0:c1] = crop > eroded  # in the mask and not in its erosion
 
 def boundary_band_rle(rle:dict, # compressed RLE of one mask (its `size` is the image size)
                       dilation_ratio:float=0.02) -> dict:
     "Compressed RLE of the boundary band (B2) of an RLE-encoded mask; d from the image size (B1)."
     h, w = rle["size"]
-    band = boundary_band(mask_utils.decode(rle), boundary_dilation(h, w, dilation_ratio))
-    return mask_utils.encode(np.asfortranarray(band.astype(np.uint8)))
+    mask = mask_utils.decode(rle)  # [H,W] uint8, Fortran order
+    band = np.zeros((h, w), np.uint8, order="F")
+    x, y, bw, bh = mask_utils.toBbox(rle)  # the box comes from the RLE: no full-image scan
+    if bw > 0 and bh > 0:
+        _band_in_box(mask.view(bool), band.view(bool), (int(y), int(y + bh), int(x), int(x + bw)), boundary_dilation(h, w, dilation_ratio))
+    return mask_utils.encode(band)
 
 def boundary_iou(dt_masks, # [N,H,W] bool/0-1 detections
                  gt_masks, # [M,H,W] bool/0-1 ground truth
