@@ -234,3 +234,10 @@ def test_coco_mini_ground_truth_against_itself():
     ap = evaluate_coco(coco, perturbed_ground_truth(coco, 4), ("segm", "boundary"))
     assert ap["segm"]["APl"] - ap["boundary"]["APl"] > 0.3
     assert abs(ap["segm"]["APs"] - ap["boundary"]["APs"]) < 0.02
+
+
+def test_image_ids_restricts_evaluation():
+    data = squares_dataset(4, 40)
+    res = [r for r in perturbed_ground_truth(data, 0) if r["image_id"] in (1, 2)]  # images 3, 4 get nothing
+    assert np.isclose(evaluate_coco(data, res, ("segm",), image_ids=[1, 2])["segm"]["AP"], 1)
+    assert evaluate_coco(data, res, ("segm",))["segm"]["AP"] < 0.6  # half the objects missed
