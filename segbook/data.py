@@ -228,7 +228,7 @@ class CocoInstances(torch.utils.data.Dataset):
         im, path = self._images[i], self.image_path(i)
         try:
             with Image.open(path) as f:
-                image = torch.from_numpy(np.asarray(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+                image = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{path}: cannot decode image (images id={im['id']}): {e}") from e
         h, w = im["height"], im["width"]
@@ -237,7 +237,7 @@ class CocoInstances(torch.utils.data.Dataset):
                                f"width={w}, height={h} (images id={im['id']})")
         anns = self._anns[im["id"]]
         masks = decode_masks([a["segmentation"] for a in anns], h, w)
-        keep = masks.flatten(1).any(1)
+        keep = masks.flatten(1).bool().any(1)
         if not bool(keep.all()):
             n = int((~keep).sum())
             self.skipped["empty_mask"] += n

@@ -9,6 +9,7 @@ __all__ = ['SHAPES', 'CLASSES', 'FILL', 'ellipse', 'triangle', 'notched_square',
            'rasterize', 'area_thresholds', 'make_shapes_image', 'shapes_coco_split', 'write_shapes_dataset']
 
 # %% ../nbs/01b_shapes.ipynb #f370079b
+import functools
 import json
 import os
 import time
@@ -104,22 +105,29 @@ def area_thresholds(size:int) -> tuple:
 
 def _sample_area(rng, size):
     t1, t2 = area_thresholds(size)
-    lo, hi = {0: (0.0015 * size * size, t1), 1: (t1, t2), 2: (t2, 0.22 * size * size)}[rng.choice(3, p=[0.3, 0.4, 0.3])]
+    u = rng.random()
+    lo, hi = (0.0015 * size * size, t1) if u < 0.3 else (t1, t2) if u < 0.7 else (t2, 0.22 * size * size)
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 # %% ../nbs/01b_shapes.ipynb #e3d1b1ee
-def _background(rng, size):
+@functools.lru_cache(maxsize=4)
+def _grid(size):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return yy, xx
+
+def _background(rng, size):
+    yy, xx = _grid(size)
     phi = rng.uniform(0, 2 * np.pi)
-    t = xx * np.cos(phi) + yy * np.sin(phi)
+    t = xx * np.float32(np.cos(phi)) + yy * np.float32(np.sin(phi))
     t = (t - t.min()) / (t.max() - t.min() + 1e-6)
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
     img = c0 + (c1 - c0) * t[..., None]
     if rng.random() < 0.6:
         psi, freq, amp = rng.uniform(0, np.pi), rng.uniform(3, 14), rng.uniform(8, 30)
-        wave = np.sin(2 * np.pi * freq * (xx * np.cos(psi) + yy * np.sin(psi)) + rng.uniform(0, 2 * np.pi))
-        img = img + amp * wave[..., None] * rng.uniform(0.5, 1.0, 3)
-    return img.astype(np.float32)
+        wave = np.sin(np.float32(2 * np.pi * freq) * (xx * np.float32(np.cos(psi)) + yy * np.float32(np.sin(psi)))
+                      + np.float32(rng.uniform(0, 2 * np.pi)))
+        img += wave[..., None] * (amp * rng.uniform(0.5, 1.0, 3)).astype(np.float32)
+    return img
 
 def _label_map(objects, size):
     lm = np.full((size, size), -1, np.int16)
@@ -132,8 +140,9 @@ def make_shapes_image(rng:np.random.Generator, # the image's own generator
                       max_objects:int=10, # objects per image are drawn from 1..max_objects
                       min_visible_px:float|None=None, # drop objects showing fewer pixels (default 0.0008·size²)
                       min_visible_frac:float=0.3, # ... or less than this fraction of themselves
-                      ss:int=2): # anti-aliasing sub-samples per pixel side
-    "One image: `(image [S,S,3] uint8, visible masks [N,S,S] bool, labels [N] int64 in 0..7)`."
+                      ss:int=2, # anti-aliasing sub-samples per pixel side
+                      full:bool=False): # also return each object's unoccluded mask
+    "One image: `(image [S,S,3] uint8, visible masks [N,S,S] bool, labels [N] int64 in 0..7[, full masks [N,S,S]])`."
     min_px = 0.0008 * size * size if min_visible_px is None else min_visible_px
     img = _background(rng, size)
     objects = []
@@ -161,10 +170,16 @@ def make_shapes_image(rng:np.random.Generator, # the image's own generator
     for o in objects:
         a = o["cov"][..., None]
         img[o["slice"]] = img[o["slice"]] * (1 - a) + o["paint"] * a
-    img = img + rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 10))
     masks = lm[None] == np.arange(len(objects), dtype=np.int16)[:, None, None]
     labels = np.array([o["label"] for o in objects], np.int64)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), masks, labels
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if not full:
+        return img, masks, labels
+    unoccluded = np.zeros_like(masks)
+    for k, o in enumerate(objects):
+        unoccluded[k][o["slice"]] = o["mask"]
+    return img, masks, labels, unoccluded
 
 # %% ../nbs/01b_shapes.ipynb #a683d9c0
 def _atomic_write_text(path:Path, text:str):

@@ -44,6 +44,7 @@
 
 # %%
 #| export
+import functools
 import json
 import os
 import time
@@ -172,7 +173,8 @@ def area_thresholds(size:int) -> tuple:
 
 def _sample_area(rng, size):
     t1, t2 = area_thresholds(size)
-    lo, hi = {0: (0.0015 * size * size, t1), 1: (t1, t2), 2: (t2, 0.22 * size * size)}[rng.choice(3, p=[0.3, 0.4, 0.3])]
+    u = rng.random()
+    lo, hi = (0.0015 * size * size, t1) if u < 0.3 else (t1, t2) if u < 0.7 else (t2, 0.22 * size * size)
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
@@ -190,18 +192,24 @@ def _sample_area(rng, size):
 
 # %%
 #| export
-def _background(rng, size):
+@functools.lru_cache(maxsize=4)
+def _grid(size):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return yy, xx
+
+def _background(rng, size):
+    yy, xx = _grid(size)
     phi = rng.uniform(0, 2 * np.pi)
-    t = xx * np.cos(phi) + yy * np.sin(phi)
+    t = xx * np.float32(np.cos(phi)) + yy * np.float32(np.sin(phi))
     t = (t - t.min()) / (t.max() - t.min() + 1e-6)
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
     img = c0 + (c1 - c0) * t[..., None]
     if rng.random() < 0.6:
         psi, freq, amp = rng.uniform(0, np.pi), rng.uniform(3, 14), rng.uniform(8, 30)
-        wave = np.sin(2 * np.pi * freq * (xx * np.cos(psi) + yy * np.sin(psi)) + rng.uniform(0, 2 * np.pi))
-        img = img + amp * wave[..., None] * rng.uniform(0.5, 1.0, 3)
-    return img.astype(np.float32)
+        wave = np.sin(np.float32(2 * np.pi * freq) * (xx * np.float32(np.cos(psi)) + yy * np.float32(np.sin(psi)))
+                      + np.float32(rng.uniform(0, 2 * np.pi)))
+        img += wave[..., None] * (amp * rng.uniform(0.5, 1.0, 3)).astype(np.float32)
+    return img
 
 def _label_map(objects, size):
     lm = np.full((size, size), -1, np.int16)
@@ -214,8 +222,9 @@ def make_shapes_image(rng:np.random.Generator, # the image's own generator
                       max_objects:int=10, # objects per image are drawn from 1..max_objects
                       min_visible_px:float|None=None, # drop objects showing fewer pixels (default 0.0008·size²)
                       min_visible_frac:float=0.3, # ... or less than this fraction of themselves
-                      ss:int=2): # anti-aliasing sub-samples per pixel side
-    "One image: `(image [S,S,3] uint8, visible masks [N,S,S] bool, labels [N] int64 in 0..7)`."
+                      ss:int=2, # anti-aliasing sub-samples per pixel side
+                      full:bool=False): # also return each object's unoccluded mask
+    "One image: `(image [S,S,3] uint8, visible masks [N,S,S] bool, labels [N] int64 in 0..7[, full masks [N,S,S]])`."
     min_px = 0.0008 * size * size if min_visible_px is None else min_visible_px
     img = _background(rng, size)
     objects = []
@@ -243,10 +252,16 @@ def make_shapes_image(rng:np.random.Generator, # the image's own generator
     for o in objects:
         a = o["cov"][..., None]
         img[o["slice"]] = img[o["slice"]] * (1 - a) + o["paint"] * a
-    img = img + rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 10))
     masks = lm[None] == np.arange(len(objects), dtype=np.int16)[:, None, None]
     labels = np.array([o["label"] for o in objects], np.int64)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), masks, labels
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if not full:
+        return img, masks, labels
+    unoccluded = np.zeros_like(masks)
+    for k, o in enumerate(objects):
+        unoccluded[k][o["slice"]] = o["mask"]
+    return img, masks, labels, unoccluded
 
 
 # %% [markdown]
@@ -333,16 +348,92 @@ assert len(CLASSES) >= 6
 a, b = make_shapes_image(np.random.default_rng(3), 128), make_shapes_image(np.random.default_rng(3), 128)
 assert all(np.array_equal(x, y) for x, y in zip(a, b)), "same generator state, same image"
 
+# %% [markdown]
+# A small set for this chapter (the book's runs use `segbook data synth`, 2000 + 200 images):
+
 # %%
 tmp = Path(tempfile.mkdtemp())
-info = write_shapes_dataset(tmp / "shapes", n_train=16, n_val=4, size=128, seed=0)
+info = write_shapes_dataset(tmp / "shapes", n_train=200, n_val=16, size=128, seed=0)
 info
 
 # %%
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 d = json.loads(Path(info["train"]["annotations"]).read_text())
-assert len(d["images"]) == 16 and len(d["annotations"]) == info["train"]["n_instances"]
+assert len(d["images"]) == 200 and len(d["annotations"]) == info["train"]["n_instances"]
 assert {c["name"] for c in d["categories"]} == set(CLASSES)
-assert all(1 <= sum(a["image_id"] == im["id"] for a in d["annotations"]) <= 10 for im in d["images"])
-again = write_shapes_dataset(tmp / "again", n_train=16, n_val=4, size=128, seed=0)
-assert Path(again["train"]["annotations"]).read_bytes() == Path(info["train"]["annotations"]).read_bytes()
+per_image = np.bincount([a["image_id"] for a in d["annotations"]], minlength=201)[1:]
+assert per_image.min() >= 1 and per_image.max() <= 10
+again = write_shapes_dataset(tmp / "again", n_train=20, n_val=4, size=128, seed=0)
+first20 = json.loads(Path(again["train"]["annotations"]).read_text())
+assert first20["annotations"] == [a for a in d["annotations"] if a["image_id"] <= 20], "image k does not depend on n_train"
+
+# %% [markdown]
+# The ground truth evaluated against itself with pycocotools' `COCOeval` must score segm AP = 1:
+# a check that the RLEs, areas and ids form a valid COCO file.
+
+# %%
+import contextlib, io
+with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO(info["val"]["annotations"])
+    dets = gt.loadRes([{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+                        "score": 1.0} for a in gt.dataset["annotations"]])
+    ev = COCOeval(gt, dets, "segm"); ev.evaluate(); ev.accumulate(); ev.summarize()
+assert abs(ev.stats[0] - 1.0) < 1e-9, ev.stats
+
+# %% [markdown]
+# ## What it looks like
+#
+# Ground-truth overlays as `segbook data browse --data <root> --split train` draws them:
+
+# %%
+from segbook.data import CocoInstances, render_ground_truth, coco_statistics
+shapes_train = CocoInstances(tmp / "shapes", "train", train=False)
+fig, axes = plt.subplots(2, 4, figsize=(10, 5))
+for ax, i in zip(axes.flat, range(8)):
+    ax.imshow(render_ground_truth(shapes_train, i, min_side=256)); ax.set_axis_off()
+fig.tight_layout()
+save_figure(fig, "data_shapes_grid.png", dpi=64)
+
+
+# %% [markdown]
+# ## Statistics: shapes next to COCO
+#
+# Instances per image, COCO size buckets (shapes' rescaled to 128², see above) and instances per
+# class. COCO-mini (when present) is shown for comparison: shapes has fewer objects per image than COCO
+# (which has a long tail of crowded images), a comparable spread of sizes, and balanced classes where
+# COCO is dominated by `person`.
+
+# %%
+def find_coco_mini():
+    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
+    if os.environ.get("SEGBOOK_COCO_MINI"):
+        return Path(os.environ["SEGBOOK_COCO_MINI"])
+    for p in [Path.cwd(), *Path.cwd().parents]:
+        if (p / "shared" / "coco-mini").is_dir():
+            return p / "shared" / "coco-mini"
+    return Path("../../shared/coco-mini")
+
+COCO_MINI = find_coco_mini()
+stats = {"shapes (train, 200 images)": coco_statistics(info["train"]["annotations"])}
+if COCO_MINI.exists():
+    stats["coco-mini (train2017)"] = coco_statistics(COCO_MINI / "annotations" / "instances_train2017.json")
+{k: {f: v[f] for f in ("n_images", "n_instances", "size_buckets")} for k, v in stats.items()}
+
+# %%
+s = stats["shapes (train, 200 images)"]
+assert s["n_instances"] == info["train"]["n_instances"] and len(s["per_class"]) == len(CLASSES)
+assert all(v > 0 for v in s["size_buckets"].values()), "small, medium and large objects all occur"
+assert min(s["per_class"].values()) > 0.5 * max(s["per_class"].values()), "classes roughly balanced"
+
+# %%
+fig, axes = plt.subplots(len(stats), 3, figsize=(12, 3.2 * len(stats)), squeeze=False)
+for row, (name, s) in zip(axes, stats.items()):
+    row[0].hist(s["instances_per_image"], bins=np.arange(0, max(s["instances_per_image"]) + 2) - 0.5)
+    row[0].set(title=f"{name}: instances per image", xlabel="instances")
+    row[1].bar(list(s["size_buckets"]), list(s["size_buckets"].values()), color=["C1", "C2", "C3"])
+    row[1].set(title="size buckets (COCO areas)")
+    top = sorted(s["per_class"].items(), key=lambda kv: -kv[1])[:12]
+    row[2].barh([k for k, _ in top][::-1], [v for _, v in top][::-1]); row[2].set(title="instances per class (top 12)")
+fig.tight_layout()
+save_figure(fig, "data_stats.png", dpi=72)
