@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import roi_align, box_convert
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -176,7 +175,12 @@ def apply_box_deltas(deltas:torch.Tensor, # [N, 4] (dx, dy, dw, dh) as predicted
                      weights:tuple=(2.0, 2.0, 1.0, 1.0), # divide the deltas by these
                      scale_clamp:float=math.log(1e5 / 16)) -> torch.Tensor: # max dw, dh
     "Refined boxes [N,4] xyxy from deltas relative to `boxes`."
-    return BoxCoder(weights, bbox_xform_clip=scale_clamp).decode_single(deltas, boxes)
+    wh = boxes[:, 2:] - boxes[:, :2]                                    # [N, 2]
+    ctr = boxes[:, :2] + 0.5 * wh
+    d = torch.stack([deltas[:, i] / w for i, w in enumerate(weights)], 1)  # Python-float weights: no copy
+    new_ctr = ctr + d[:, :2] * wh
+    new_wh = torch.exp(d[:, 2:].clamp(max=scale_clamp)) * wh
+    return torch.cat([new_ctr - 0.5 * new_wh, new_ctr + 0.5 * new_wh], 1)
 
 # %% ../nbs/05_istr.ipynb #c4037c0d
 def _tower(d:int, n:int) -> nn.Sequential:

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import roi_align, box_convert
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -268,8 +267,10 @@ def multilevel_roi_align(levels:list, # P2..P5, [B, d, H_l, W_l] with strides 4,
 #
 # The box head predicts "the residual values of normalised centre coordinates, height, and width"
 # (§3.3): the R-CNN parameterisation $\hat x = x + w\,\Delta x/2$, $\hat w = w\,e^{\Delta w}$, … with
-# weights (2, 2, 1, 1) and a clamp on $\Delta w,\Delta h$. torchvision implements exactly this in
-# `BoxCoder.decode_single` (its `_utils` module is private, so a test below pins the formula).
+# weights (2, 2, 1, 1) and a clamp on $\Delta w,\Delta h$. torchvision has the same decoder in
+# `BoxCoder.decode_single`, but in a private module (`models.detection._utils`) and it builds two scalar
+# tensors on the device per call (a host-to-device copy per stage); the five lines below are sync-free,
+# and a test pins them to the formula and to torchvision's result.
 
 # %%
 #| export
@@ -278,7 +279,12 @@ def apply_box_deltas(deltas:torch.Tensor, # [N, 4] (dx, dy, dw, dh) as predicted
                      weights:tuple=(2.0, 2.0, 1.0, 1.0), # divide the deltas by these
                      scale_clamp:float=math.log(1e5 / 16)) -> torch.Tensor: # max dw, dh
     "Refined boxes [N,4] xyxy from deltas relative to `boxes`."
-    return BoxCoder(weights, bbox_xform_clip=scale_clamp).decode_single(deltas, boxes)
+    wh = boxes[:, 2:] - boxes[:, :2]                                    # [N, 2]
+    ctr = boxes[:, :2] + 0.5 * wh
+    d = torch.stack([deltas[:, i] / w for i, w in enumerate(weights)], 1)  # Python-float weights: no copy
+    new_ctr = ctr + d[:, :2] * wh
+    new_wh = torch.exp(d[:, 2:].clamp(max=scale_clamp)) * wh
+    return torch.cat([new_ctr - 0.5 * new_wh, new_ctr + 0.5 * new_wh], 1)
 
 
 # %% [markdown]
@@ -568,6 +574,9 @@ dl, rb = torch.tensor([[0.2, -0.4, 0.1, -0.2]]), torch.tensor([[10., 20., 30., 6
 w, h = 20 * math.exp(0.1), 40 * math.exp(-0.2); cx, cy = 20 + 0.1 * 20, 40 - 0.2 * 40
 assert torch.allclose(apply_box_deltas(dl, rb), torch.tensor([[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]]))
 assert torch.equal(apply_box_deltas(torch.zeros(1, 4), rb), rb)
+from torchvision.models.detection._utils import BoxCoder
+dl8, rb8 = torch.randn(8, 4), torch.tensor([[0., 0., 50., 30.]]) + torch.rand(8, 4) * 20
+assert torch.allclose(apply_box_deltas(dl8, rb8), BoxCoder((2., 2., 1., 1.), math.log(1e5 / 16)).decode_single(dl8, rb8), atol=1e-4)
 # FPN rule: 224 -> P4, 112 -> P3, 448 -> P5, tiny -> P2
 assert fpn_level_of_boxes(torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 448, 448], [0, 0, 8, 8.]])).tolist() == [4, 3, 5, 2]
 # paste: a full mask into a box fills exactly that box
