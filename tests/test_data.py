@@ -263,3 +263,20 @@ def test_browse_and_load_coco_mini(tmp_path):
     assert t["masks"].shape[1:] == img.shape[1:] and torch.allclose(t["boxes"], mask_boxes(t["masks"]))
     s = coco_statistics(ds.ann_file)
     assert s["n_images"] == 100 and sum(s["size_buckets"].values()) == s["n_instances"]
+
+
+def test_seeded_dataloader_gives_identical_batches(tmp_path):
+    from segbook.shapes import write_shapes_dataset
+    write_shapes_dataset(tmp_path / "s", n_train=6, n_val=0, size=64, seed=0)
+
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        ds = CocoInstances(tmp_path / "s", "train", transforms=build_transforms(True, min_size=(48, 64, 80), generator=g))
+        dl = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+        return [(x, [t["image_id"] for t in ts], [t["boxes"] for t in ts]) for x, ts in dl]
+
+    a, b, c = batches(0), batches(0), batches(1)
+    assert all(torch.equal(x, y) and i == j and all(torch.equal(p, q) for p, q in zip(bx, by))
+               for (x, i, bx), (y, j, by) in zip(a, b))
+    assert any(i != j or x.shape != y.shape for (x, i, _), (y, j, _) in zip(a, c)), "another seed changes order or sizes"

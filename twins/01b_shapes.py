@@ -189,6 +189,8 @@ def _sample_area(rng, size):
 # is below `max(min_visible_px, min_visible_frac · full area)` is removed from the image altogether
 # (not just from the annotations, so no unlabelled object is left in the picture). Removing an object
 # only uncovers pixels, so every other object's visible area can only grow: one pass suffices.
+# `full=True` also returns each object's unoccluded mask, which the tests use to check that
+# visible = own shape minus everything drawn later.
 
 # %%
 #| export
@@ -335,7 +337,7 @@ def write_shapes_dataset(out, # output folder (gets annotations/, train/, val/)
 # %%
 import tempfile
 import matplotlib.pyplot as plt
-from segbook.viz import draw_instances, save_figure
+from segbook.viz import save_figure
 
 img, masks, labels = make_shapes_image(np.random.default_rng(3), 128)
 img.shape, masks.shape, [CLASSES[l] for l in labels]
