@@ -6,7 +6,9 @@ Nodes per RoI per grid default to the coco-mini means of the GT quadtree (56/75/
 figures/tables/transfiner_table1_oracle.md); `--nodes` overrides (e.g. the 90th percentile 77,109,158,
 or training's 100,100,100). Methods, each in a fresh process so peak memory is its own:
 
-- sparse:       `gather_points` on the three grids (torch on CPU, Triton on CUDA) -> [nodes, 256]
+- sparse:       `gather_points` on the three grids (torch on CPU, Triton on CUDA) -> [nodes, 256];
+                the torch path makes one channels-last copy of the levels per call
+- sparse_channels_last: the same with channels_last features (the torch path copies nothing)
 - dense_S:      torchvision roi_align (aligned, sampling_ratio=1) of every RoI at S x S on its level,
                 then indexing the nodes of that grid (what the official code does), for S in 28/56/112
 - dense_all:    the three dense grids together (the official code's full RoI pyramid)
@@ -33,7 +35,7 @@ from segbook.gather import gather_points
 from segbook.quadtree import roi_pyramid_levels
 
 SIZES = (28, 56, 112)
-METHODS = ("sparse", "dense_28", "dense_56", "dense_112", "dense_all")
+METHODS = ("sparse", "sparse_channels_last", "dense_28", "dense_56", "dense_112", "dense_all")
 
 
 def make_inputs(device, nodes_per_level, B=2, R=100, C=256, H=800, W=1216, seed=0):
@@ -88,7 +90,9 @@ def _rss_kb(field):
 def worker(method, device, repeats, nodes_per_level):
     device = torch.device(device)
     feats, boxes, levels, nodes = make_inputs(device, nodes_per_level)
-    fn = (lambda: run_sparse(feats, boxes, levels, nodes)) if method == "sparse" else \
+    if method == "sparse_channels_last":                                      # as a backbone could emit them
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    fn = (lambda: run_sparse(feats, boxes, levels, nodes)) if method.startswith("sparse") else \
          (lambda: run_dense(feats, boxes, levels, nodes, SIZES if method == "dense_all" else (int(method.split("_")[1]),)))
     with torch.no_grad():
         fn(); _sync(device)                                                   # warm-up (and Triton compile)
@@ -101,7 +105,7 @@ def worker(method, device, repeats, nodes_per_level):
             t = time.perf_counter(); out = fn(); _sync(device); times.append((time.perf_counter() - t) * 1e3)
             del out
         peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM:") * 1024) - base
-    n = sum(len(yx) for (s, (yx, _)) in zip(SIZES, nodes) if method in ("sparse", "dense_all") or method == f"dense_{s}")
+    n = sum(len(yx) for (s, (yx, _)) in zip(SIZES, nodes) if method in ("sparse", "sparse_channels_last", "dense_all") or method == f"dense_{s}")
     return {"median_ms": statistics.median(times), "times_ms": [round(t, 2) for t in times],
             "peak_mem_mb": round(peak / 2 ** 20, 1), "nodes": n}
 

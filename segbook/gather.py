@@ -51,6 +51,15 @@ def _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size
     # channels-last rows: a node's C values are contiguous (gathering along the NCHW channel stride is
     # cache-hostile); a view for channels_last input, otherwise one transposed copy of the levels
     rows = [f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]
+    if len(feats) > 1 and all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats):
+        out = None                                    # channels_last levels: gather each view, no copy at all
+        for l, (f, sc, r) in enumerate(zip(feats, scales, rows)):
+            B, _, H, W = f.shape
+            b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
+            v = (r[b[:, None] * (H * W) + idx] * w[..., None].to(r.dtype)).sum(1)
+            on = (node_level == l)[:, None]
+            out = torch.where(on, v, torch.zeros_like(v) if out is None else out)
+        return out
     rows = rows[0] if len(rows) == 1 else torch.cat(rows)
     flat, weight, start = None, None, 0
     for l, (f, sc) in enumerate(zip(feats, scales)):
@@ -174,7 +183,7 @@ def gather_points(features:Union[torch.Tensor, Sequence[torch.Tensor]], # [B,C,H
         if not _triton_ok(feats[0]):
             raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
         return _GatherPointsTriton.apply(boxes, node_yx, node_roi, node_level, grid_size, tuple(scales), aligned,
-                                         *[f.contiguous() for f in feats])
+                                         *feats)  # the kernel reads any strides
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     return _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size, aligned)

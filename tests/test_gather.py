@@ -37,6 +37,9 @@ def test_equals_dense_roi_align(S, aligned):
     ref = _dense_ref(feats, scales, boxes, S, yx, roi, lvl, aligned)
     assert out.shape == (M, feats[0].shape[1])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    cl = gather_points([f.to(memory_format=torch.channels_last) for f in feats], boxes, S, yx, roi, scales,
+                       node_level=lvl, aligned=aligned, backend="torch")           # the no-copy path
+    torch.testing.assert_close(cl, ref, atol=1e-5, rtol=1e-5)
     one = gather_points(feats[1], boxes, S, yx, roi, 1 / 8, aligned=aligned)      # single level
     torch.testing.assert_close(one, roi_align(feats[1], boxes, (S, S), 1 / 8, 1, aligned)[roi, :, yx[:, 0], yx[:, 1]],
                                atol=1e-5, rtol=1e-5)
@@ -57,6 +60,11 @@ def test_gradcheck_float64():
     yx = torch.randint(0, 5, (30, 2), generator=g)            # duplicates included: gradients must accumulate
     roi = torch.randint(0, 2, (30,), generator=g)
     assert torch.autograd.gradcheck(lambda t: gather_points(t, boxes, 5, yx, roi, 0.25, backend="torch"), (f,))
+    lvl = torch.randint(0, 2, (30,), generator=g)
+    f2 = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    for fmt in (torch.contiguous_format, torch.channels_last):    # both multi-level paths
+        assert torch.autograd.gradcheck(lambda a, b: gather_points([a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)],
+                                        boxes, 5, yx, roi, [0.25, 0.125], node_level=lvl, backend="torch"), (f, f2))
 
 
 def test_bad_input_messages():
@@ -88,6 +96,9 @@ _TRITON_SCRIPT = textwrap.dedent("""
     (a * w).sum().backward(); (b * w).sum().backward()
     for x, y in zip(fa, fb):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-5)
+    cl = gather_points([f.to(memory_format=torch.channels_last) for f in feats], boxes, S, yx, roi, [0.25, 0.125],
+                       node_level=lvl, backend="triton")                     # strided input, no copy
+    torch.testing.assert_close(cl, b.detach(), atol=1e-5, rtol=1e-5)
     for aligned in (True, False):
         t = gather_points(feats[0], boxes, 7, yx % 7, roi, 0.25, aligned=aligned, backend="triton")
         r = roi_align(feats[0], boxes, (7, 7), 0.25, 1, aligned)[roi, :, yx[:, 0] % 7, yx[:, 1] % 7]

@@ -30,7 +30,10 @@
 # it bilinearly samples the feature map at the cell centre
 # $x_1\sigma - \tfrac12 + (x + \tfrac12)\,\tfrac{(x_2-x_1)\sigma}{s}$ (and likewise in $y$), with
 # torchvision's border rules — exactly `roi_align(aligned=True, sampling_ratio=1)` at that cell.
-# The PyTorch path gathers the four corners with index ops (autograd gives the feature gradient);
+# (`F.grid_sample` would also do, but its border handling differs from RoIAlign's at the last row
+# and column, and it wants one call per image.) The PyTorch path views every level as channels-last
+# rows (one transposed copy unless the input is `channels_last`), gathers the four corner rows of every
+# node in one index op across all levels and weights them (autograd gives the feature gradient);
 # the Triton kernel (one program per block of nodes × block of channels) computes coordinates,
 # weights and the weighted sum in registers and is used automatically on CUDA, its backward being
 # a scatter (`index_add_`) of the weighted output gradient. No dense grid and no host sync either way.
@@ -82,6 +85,15 @@ def _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size
     # channels-last rows: a node's C values are contiguous (gathering along the NCHW channel stride is
     # cache-hostile); a view for channels_last input, otherwise one transposed copy of the levels
     rows = [f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]
+    if len(feats) > 1 and all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats):
+        out = None                                    # channels_last levels: gather each view, no copy at all
+        for l, (f, sc, r) in enumerate(zip(feats, scales, rows)):
+            B, _, H, W = f.shape
+            b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
+            v = (r[b[:, None] * (H * W) + idx] * w[..., None].to(r.dtype)).sum(1)
+            on = (node_level == l)[:, None]
+            out = torch.where(on, v, torch.zeros_like(v) if out is None else out)
+        return out
     rows = rows[0] if len(rows) == 1 else torch.cat(rows)
     flat, weight, start = None, None, 0
     for l, (f, sc) in enumerate(zip(feats, scales)):
@@ -209,13 +221,18 @@ def gather_points(features:Union[torch.Tensor, Sequence[torch.Tensor]], # [B,C,H
         if not _triton_ok(feats[0]):
             raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
         return _GatherPointsTriton.apply(boxes, node_yx, node_roi, node_level, grid_size, tuple(scales), aligned,
-                                         *[f.contiguous() for f in feats])
+                                         *feats)  # the kernel reads any strides
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     return _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size, aligned)
 
 
 # %% [markdown]
+# The Triton kernel is tested on CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set before
+# triton is imported, in a subprocess: `tests/test_gather.py`) against the PyTorch path, forward and
+# backward; on a CUDA machine `backend="auto"` picks it and the CUDA tests compare it with `roi_align`.
+# Speed and memory at 100 RoIs: `benchmarks/bench_gather.py` → `benchmarks/results/gather.json`.
+#
 # Equal to dense RoIAlign followed by indexing, on two levels, boxes partly outside the image and a
 # zero-size box:
 
