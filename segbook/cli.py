@@ -28,6 +28,29 @@ def _cmd_pca_fit(a):
     print(json.dumps(pca_fit_command(a.data, a.split, dim=a.dim, size=a.size, out=a.out,
                                      mean=a.mean, whiten=a.whiten, logit=a.logit)))
 
+
+def _overrides(a):
+    return list(a.overrides or [])
+
+def _cmd_train(a):
+    from segbook.pipeline import train_command
+    r = train_command(a.config, a.out, data=a.data, device=a.device, max_iters=a.max_iters, overrides=_overrides(a),
+                      resume=not a.no_resume, eval_images=a.eval_images)
+    print(json.dumps({k: v for k, v in r.items() if k in ("iteration", "checkpoint", "eval")}, default=str))
+
+def _cmd_eval(a):
+    from segbook.pipeline import eval_command
+    print(json.dumps(eval_command(a.checkpoint, data=a.data, split=a.split, device=a.device, out=a.out, max_images=a.max_images)))
+
+def _cmd_predict(a):
+    from segbook.pipeline import predict_command
+    print(json.dumps(predict_command(a.checkpoint, a.images, a.out, device=a.device, score_threshold=a.threshold)))
+
+def _cmd_bench(a):
+    from segbook.bench import bench_command
+    print(json.dumps(bench_command(model=a.model, vs=a.vs, device=a.device, size=a.size, iters=a.iters,
+                                   warmup=a.warmup, amp=a.amp, out=a.out)))
+
 # %% ../nbs/11_cli.ipynb #10e4d253
 def build_parser() -> argparse.ArgumentParser:
     "The `segbook` argument parser: one subparser per job."
@@ -61,6 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--whiten", action="store_true", help="whiten the components (official code)")
     f.add_argument("--logit", action="store_true", help="fit in the noisy-logit domain (official code)")
     f.set_defaults(func=_cmd_pca_fit)
+
+    t = sub.add_parser("train", help="train a model from a YAML config on a COCO-format dataset (torchrun for many GPUs)")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--data", help="dataset root (overrides data.root)")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, config.yaml, codec.pt")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    t.add_argument("--max-iters", type=int, help="overrides solver.max_iters")
+    t.add_argument("--eval-images", type=int, help="periodic evaluation on the first N val images only")
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.lr=1e-4 model.num_stages=3")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="COCO bbox / segm / boundary AP of a checkpoint on a split")
+    e.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run (its folder holds config.yaml)")
+    e.add_argument("--data", help="dataset root (default: the run's)")
+    e.add_argument("--split", help="split (default: the config's data.val_split)")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--out", help="folder for metrics.json and results.json (default: RUN/eval_SPLIT)")
+    e.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("predict", help="detect instances in image files: overlay PNGs + COCO-style JSON")
+    r.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--threshold", type=float, default=0.4, help="score threshold for the overlays and JSON")
+    r.set_defaults(func=_cmd_predict)
+
+    k = sub.add_parser("bench", help="latency / FPS / peak memory of a model, optionally against a peer, timed alternately")
+    k.add_argument("--model", required=True, help="segbook config YAML, or 'maskrcnn_r50' (torchvision)")
+    k.add_argument("--vs", help="peer to time in the same run, e.g. maskrcnn_r50")
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    k.add_argument("--size", default="800x800", help="input HxW")
+    k.add_argument("--iters", type=int, default=50, help="timed iterations per model")
+    k.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations per model")
+    k.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (CUDA only)")
+    k.add_argument("--out", help="JSON file for the results")
+    k.set_defaults(func=_cmd_bench)
     return p
 
 # %% ../nbs/11_cli.ipynb #3138e442
