@@ -1,0 +1,315 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Reproducing the tables and figures
+#
+# > `segbook reproduce`: run every experiment notebook under `nbs/experiments/` with papermill, with the
+# > parameters of one profile, and gather its figures, tables and a stamped `results.json`.
+
+# %%
+#| default_exp reproduce
+
+# %%
+#| export
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import papermill
+from tqdm.auto import tqdm
+
+# %% [markdown]
+# ## What one run does
+#
+# Each experiment is a notebook in `nbs/experiments/` with a cell tagged `parameters` (papermill's
+# convention). Its defaults are the *smoke* settings, so `nbdev-test` (which also executes that folder) and a
+# reader opening it in JupyterLab get a run of under a minute. `reproduce_command` executes each notebook
+# into `OUT/notebooks/NAME.ipynb` (never in place) with the profile's parameters injected, from the
+# notebook's own folder as working directory.
+#
+# **Where outputs go.** While a notebook runs, `SEGBOOK_FIGURES` points at `OUT/figures`, so
+# `segbook.viz.save_figure` and the tables (`figures_dir()/'tables'/*.md`) land in the run folder. Run
+# without the driver, an experiment notebook points `SEGBOOK_FIGURES` at a temporary folder, so a
+# `nbdev-test` pass never rewrites the committed figures. After the run, the driver copies `OUT/figures`
+# into `figures` (the repository's `figures/` by default) together with `results.json`: the committed
+# figures are always the output of one named profile.
+#
+# Each notebook also gets `out_dir` (its own folder under `OUT/runs/`, for checkpoints) and may write
+# `out_dir/results.json` (its numbers); the driver copies that into the `results` of its entry.
+#
+# **Profiles.** *smoke*: CPU, a small generated shapes set (+ coco-mini when given), a handful of
+# iterations — it only proves the whole path runs and takes ≤ 30 min on 2 cores. *cpu*: the shapes
+# schedules that give meaningful (but still tiny-data) numbers, ≤ 2.5 h on 2 cores. *gpu*: paper-like
+# sizes scaled to one GPU; run it in `--only` chunks that each end within 10 min (`GPU_CHUNKS`).
+
+# %%
+#| export
+EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
+               "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables"]
+
+_SMOKE_TRAIN = dict(iters=8, batch_size=2, eval_images=16)
+PROFILES = {
+    "smoke": {
+        "_shapes": dict(n_train=64, n_val=16, size=128),
+        "istr_fig1_energy": dict(max_masks=4000, dims=[10, 20, 40, 60]),
+        "transfiner_table1": dict(splits=["val2017"]),
+        "transfiner_table7_efficiency": dict(rois=[10, 50], repeats=1),
+        "istr_ablations": dict(_SMOKE_TRAIN, variants="all"),
+        "istr_stages": dict(_SMOKE_TRAIN),
+        "compare_maskrcnn": dict(_SMOKE_TRAIN),
+        "transfiner_tables": dict(_SMOKE_TRAIN),
+        "paper_vs_code": dict(),
+    },
+    "cpu": {
+        "_shapes": dict(n_train=2000, n_val=200, size=128),
+        "istr_fig1_energy": dict(max_masks=20000, dims=[10, 20, 40, 60, 80, 100]),
+        "transfiner_table1": dict(splits=["val2017", "train2017"]),
+        "transfiner_table7_efficiency": dict(rois=[10, 50, 100], repeats=3),
+        "istr_ablations": dict(iters=300, batch_size=4, eval_images=100, variants="all"),
+        "istr_stages": dict(iters=1000, batch_size=4, eval_images=200),
+        "compare_maskrcnn": dict(iters=600, batch_size=4, eval_images=200),
+        "transfiner_tables": dict(iters=600, batch_size=4, eval_images=200),
+        "paper_vs_code": dict(),
+    },
+    "gpu": {
+        "_shapes": dict(n_train=2000, n_val=200, size=128),
+        "istr_fig1_energy": dict(max_masks=200000, dims=[10, 20, 40, 60, 80, 100]),
+        "transfiner_table1": dict(splits=["val2017", "train2017"]),
+        "transfiner_table7_efficiency": dict(rois=[10, 50, 100, 300], repeats=10),
+        "istr_ablations": dict(iters=1500, batch_size=16, eval_images=200, variants="all"),
+        "istr_stages": dict(iters=3000, batch_size=16, eval_images=200),
+        "compare_maskrcnn": dict(iters=3000, batch_size=16, eval_images=200),
+        "transfiner_tables": dict(iters=3000, batch_size=16, eval_images=200),
+        "paper_vs_code": dict(),
+    },
+}
+# `--only` chunks for the gpu profile, each meant to end within a 10-minute session.
+GPU_CHUNKS = [["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency"],
+              ["istr_ablations"], ["istr_stages"], ["compare_maskrcnn"], ["transfiner_tables"]]
+
+
+# %% [markdown]
+# ## Stamps
+#
+# A results file that cannot say which code, data and machine produced it is not evidence. Each run is
+# stamped with the git commit (and whether the tree had local changes), the profile, the data set(s),
+# the device, the seed, and per notebook its wall time and status.
+
+# %%
+#| export
+def _repo_root() -> Path:
+    "The checkout this package was imported from (its parent folder)."
+    import segbook
+    return Path(segbook.__file__).resolve().parents[1]
+
+def git_stamp(repo:Path|None=None) -> dict:
+    "The commit of `repo` (default: this package's checkout) and whether its tracked files have local changes."
+    repo = Path(repo or _repo_root())
+    def git(*args):
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if dirty is None else bool(dirty)}
+
+def device_stamp() -> dict:
+    "The machine a run used: CPU count, torch version and CUDA device name when there is one."
+    import torch
+    d = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if d["cuda"]: d["cuda_device"] = torch.cuda.get_device_name(0)
+    return d
+
+def write_json_atomic(obj, path) -> Path:
+    "Write `obj` as JSON to `path` through a temp file in the same folder and `os.replace`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+# %% [markdown]
+# ## Running one notebook
+#
+# papermill raises `PapermillExecutionError` for a failing cell, carrying the error's name, message and
+# the cell's source; `run_notebook` turns that (or any other failure, such as a missing kernel) into a
+# status record, so one failed experiment does not stop the others. The executed notebook is still written,
+# with the traceback in the failing cell, for a reader to open.
+
+# %%
+#| export
+def run_notebook(notebook, # input .ipynb with a `parameters`-tagged cell
+                 output, # executed copy to write (never the input)
+                 parameters:dict, # values injected after the parameters cell
+                 cwd=None, # working directory of the kernel (default: the notebook's folder)
+                 env:dict|None=None, # environment variables set while it runs
+                 progress:bool=False) -> dict:
+    "Execute `notebook` with papermill -> {'status': 'ok'|'failed', 'seconds', and on failure 'error', 'message', 'cell'}."
+    notebook, output = Path(notebook).resolve(), Path(output).resolve()
+    if notebook == output: raise ValueError(f"{notebook}: refusing to execute a notebook in place")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                   cwd=str(cwd or notebook.parent), progress_bar=progress)
+        rec = {"status": "ok"}
+    except papermill.PapermillExecutionError as e:
+        rec = {"status": "failed", "error": e.ename, "message": str(e.evalue)[:2000], "cell": e.exec_count,
+               "cell_source": e.source[:2000]}
+    except Exception as e:  # kernel died, notebook unreadable, ...: still a record, not a crash of the whole run
+        rec = {"status": "failed", "error": type(e).__name__, "message": str(e)[:2000], "cell": None,
+               "traceback": traceback.format_exc()[-2000:]}
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+# %% [markdown]
+# ## The driver
+#
+# `reproduce_command` is what `segbook reproduce` calls. Every notebook receives the common parameters
+# (`profile`, `out_dir`, `shapes_root`, `coco_root`, `seed`, `device`) and its own from `PROFILES`; a
+# notebook's parameters cell must declare every name it is given (papermill injects them after that cell,
+# and a name the notebook never reads would hide a typo). The shapes data set is generated once per run
+# folder (`OUT/data/shapes`) with the profile's size, unless one is already there.
+
+# %%
+#| export
+def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
+                      out:str, # run folder: notebooks/, runs/, figures/, data/, results.json
+                      only:list|None=None, # experiment names to run (default: all of EXPERIMENTS)
+                      data:str|None=None, # coco-mini root (annotations/instances_{train,val}2017.json); None: skip its parts
+                      figures:str|None=None, # where figures, tables/ and results.json are copied; None: <repo>/figures; '' : no copy
+                      notebooks_dir:str|None=None, # folder of the experiment notebooks (default: <repo>/nbs/experiments)
+                      profiles:dict|None=None, # profile table (default: PROFILES); tests pass their own
+                      seed:int=0, # seed handed to every notebook
+                      device:str="auto", # 'auto' | 'cpu' | 'cuda', handed to every notebook
+                      progress:bool=True) -> dict:
+    "Run the experiment notebooks of `profile` with papermill; gather figures, tables and a stamped results.json."
+    profiles = PROFILES if profiles is None else profiles
+    if profile not in profiles:
+        raise ValueError(f"--profile {profile!r}: expected one of {sorted(profiles)}")
+    table = profiles[profile]
+    nb_dir = Path(notebooks_dir) if notebooks_dir else _repo_root() / "nbs" / "experiments"
+    names = [n for n in (EXPERIMENTS if notebooks_dir is None else sorted(p.stem for p in nb_dir.glob("*.ipynb")))
+             if n in table] if not only else list(only)
+    unknown = [n for n in names if not (nb_dir / f"{n}.ipynb").exists()]
+    if unknown:
+        raise ValueError(f"--only {unknown}: no such notebook in {nb_dir} (have {sorted(p.stem for p in nb_dir.glob('*.ipynb'))})")
+    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    fig_out = out / "figures"; fig_out.mkdir(parents=True, exist_ok=True)
+    if data is not None and not (Path(data) / "annotations").is_dir():
+        raise FileNotFoundError(f"--data {data}: no annotations/ folder (expected a COCO root such as shared/coco-mini)")
+    t_run = time.perf_counter()
+    shapes_root = None
+    if "_shapes" in table:
+        from segbook.shapes import write_shapes_dataset
+        shapes_root = out / "data" / "shapes"
+        if not (shapes_root / "annotations" / "instances_val.json").exists():
+            if progress: print(f"[reproduce] generating shapes data {table['_shapes']} -> {shapes_root}", flush=True)
+            write_shapes_dataset(shapes_root, seed=seed, **table["_shapes"])
+    stamp = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed,
+             "device_requested": device, "device": device_stamp(), "git": git_stamp(),
+             "data": {"shapes": None if shapes_root is None else {"root": str(shapes_root), **table["_shapes"]},
+                      "coco": None if data is None else str(Path(data).resolve())},
+             "command": f"segbook reproduce --profile {profile}" + (f" --only {' '.join(only)}" if only else "")
+                        + (f" --data {data}" if data else "") + f" --out {out}"}
+    entries = {}
+    bar = tqdm(names, desc=f"reproduce[{profile}]", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        params = {"profile": profile, "out_dir": str(out / "runs" / name), "seed": seed, "device": device,
+                  "shapes_root": None if shapes_root is None else str(shapes_root),
+                  "coco_root": None if data is None else str(Path(data).resolve()), **table.get(name, {})}
+        (out / "runs" / name).mkdir(parents=True, exist_ok=True)
+        rec = run_notebook(nb_dir / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb", params,
+                           env={"SEGBOOK_FIGURES": fig_out, "SEGBOOK_REPRODUCE": profile})
+        res_file = out / "runs" / name / "results.json"
+        if res_file.exists():
+            try: rec["results"] = json.loads(res_file.read_text())
+            except json.JSONDecodeError as e: rec["results_error"] = f"{res_file}: {e}"
+        rec["parameters"] = params
+        entries[name] = rec
+        msg = f"[reproduce] {name}: {rec['status']} in {rec['seconds']:.1f} s"
+        if rec["status"] != "ok": msg += f" — {rec['error']} in cell {rec['cell']}: {rec['message'][:300]}"
+        tqdm.write(msg) if progress else None
+        write_json_atomic({**stamp, "notebooks": entries, "finished": False}, out / "results.json")
+    failed = sorted(n for n, r in entries.items() if r["status"] != "ok")
+    result = {**stamp, "notebooks": entries, "finished": True, "failed": failed,
+              "wall_seconds": round(time.perf_counter() - t_run, 1)}
+    write_json_atomic(result, out / "results.json")
+    dest = _repo_root() / "figures" if figures is None else (Path(figures) if figures else None)
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(fig_out, dest, dirs_exist_ok=True)
+        write_json_atomic(result, dest / "results.json")
+        result["figures"] = str(dest)
+    if progress: print(f"[reproduce] {len(names) - len(failed)}/{len(names)} ok, {result['wall_seconds']} s; failed: {failed or 'none'}", flush=True)
+    return result
+
+
+# %% [markdown]
+# The CLI returns a non-zero exit code when `result['failed']` is not empty.
+
+# %% [markdown]
+# ## Example and test
+#
+# Two throw-away notebooks in a temporary folder: one reads its parameter and writes a figure, a table and a
+# `results.json`; the other raises. The failure is recorded with its error and cell, and the other still runs.
+
+# %%
+import nbformat
+
+def _toy_notebook(path, body:str):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("profile = 'x'\nout_dir = None\nseed = 0\ndevice = 'cpu'\nshapes_root = None\ncoco_root = None\nk = 1")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, path)
+
+tmp = Path(tempfile.mkdtemp())
+(tmp / "nbs").mkdir()
+_toy_notebook(tmp / "nbs" / "good.ipynb", "import json, os, pathlib\n"
+              "d = pathlib.Path(os.environ['SEGBOOK_FIGURES']) / 'tables'; d.mkdir(parents=True, exist_ok=True)\n"
+              "(d / 'good.md').write_text(f'k={k}')\n"
+              "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k}))")
+_toy_notebook(tmp / "nbs" / "bad.ipynb", "raise KeyError('boom')")
+toy = {"toy": {"good": {"k": 7}, "bad": {}}}
+res = reproduce_command("toy", tmp / "out", notebooks_dir=tmp / "nbs", profiles=toy, figures=tmp / "figs", progress=False)
+{n: (r["status"], r.get("error"), r.get("results")) for n, r in res["notebooks"].items()}
+
+# %%
+assert res["failed"] == ["bad"]
+assert res["notebooks"]["bad"]["error"] == "KeyError" and "boom" in res["notebooks"]["bad"]["message"]
+assert res["notebooks"]["good"]["status"] == "ok" and res["notebooks"]["good"]["results"] == {"k": 7}
+assert (tmp / "figs" / "tables" / "good.md").read_text() == "k=7"
+saved = json.loads((tmp / "figs" / "results.json").read_text())
+assert saved["profile"] == "toy" and saved["finished"] and "commit" in saved["git"] and saved["failed"] == ["bad"]
+assert (tmp / "out" / "notebooks" / "bad.ipynb").exists()  # the executed copy, with its traceback
+shutil.rmtree(tmp)
