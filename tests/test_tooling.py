@@ -58,5 +58,5 @@ def test_repo_readme_is_current():
 def test_cli_help_lists_subcommands():
     from segbook.cli import build_parser
     text = build_parser().format_help()
-    for cmd in ("data", "pca-fit", "train", "eval", "predict", "bench"):
+    for cmd in ("data", "pca-fit", "train", "eval", "predict", "bench", "reproduce"):
         assert cmd in text

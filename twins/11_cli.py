@@ -73,6 +73,13 @@ def _cmd_bench(a):
                                    warmup=a.warmup, amp=a.amp, out=a.out)))
 
 
+def _cmd_reproduce(a):
+    from segbook.reproduce import reproduce_command
+    r = reproduce_command(a.profile, a.out, only=a.only, data=a.data, figures=a.figures)
+    print(json.dumps(r, default=str))
+    if isinstance(r, dict) and r.get("failed"): sys.exit(1)
+
+
 # %%
 #| export
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (CUDA only)")
     k.add_argument("--out", help="JSON file for the results")
     k.set_defaults(func=_cmd_bench)
+
+    q = sub.add_parser("reproduce", help="run the experiment notebooks (papermill) and regenerate figures/ and figures/tables/")
+    q.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "gpu"], help="smoke: <=30 min on 2 CPU cores; cpu: meaningful shapes numbers; gpu: paper-like, chunked")
+    q.add_argument("--only", nargs="*", help="run only these experiment notebooks (names without .ipynb)")
+    q.add_argument("--data", help="coco-mini root for the experiments that need real masks (e.g. ../shared/coco-mini)")
+    q.add_argument("--out", required=True, help="output folder for the executed notebooks")
+    q.add_argument("--figures", help="where figures and tables are gathered (default: the repository's figures/)")
+    q.set_defaults(func=_cmd_reproduce)
     return p
 
 
