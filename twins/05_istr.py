@@ -233,7 +233,9 @@ def pool_image_features(levels:list, # [B, d, H_l, W_l] per FPN level
 # `torch.where(...)[0]` plus an `.item()` while setting up scales — host syncs we avoid. Instead we
 # run `torchvision.ops.roi_align` for **every** box on **every** level and keep each box's own level with
 # a `torch.where`. That is 4× the RoIAlign work, which is small next to the heads (k·B boxes × 49
-# bins) and keeps the forward free of syncs and data-dependent shapes.
+# bins) and keeps the forward free of syncs and data-dependent shapes — on a GPU. On the CPU there is no
+# device to wait for, and the 4× work is not small (RoIAlign's backward was the largest single cost of a
+# training step in a profile of the shapes config), so there each level pools only its own boxes.
 
 # %%
 #| export
@@ -254,6 +256,14 @@ def multilevel_roi_align(levels:list, # P2..P5, [B, d, H_l, W_l] with strides 4,
     batch_idx = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(Q)[:, None]
     rois = torch.cat([batch_idx, boxes.reshape(B * Q, 4)], 1)           # [B*Q, 5]
     lvl = fpn_level_of_boxes(rois[:, 1:]) - 2                           # [B*Q] in 0..3
+    if not rois.is_cuda:  # on the CPU a host sync is free: pool each box at its own level only (4x less work)
+        out = levels[0].new_zeros(B * Q, levels[0].shape[1], output_size, output_size)
+        for i, f in enumerate(levels):
+            idx = (lvl == i).nonzero().squeeze(1)
+            if len(idx):
+                out = out.index_copy(0, idx, roi_align(f, rois[idx].to(f.dtype), output_size, spatial_scale=1.0 / 2 ** (i + 2),
+                                                       sampling_ratio=sampling_ratio, aligned=True))
+        return out
     out = None
     for i, f in enumerate(levels):
         pooled = roi_align(f, rois.to(f.dtype), output_size, spatial_scale=1.0 / 2 ** (i + 2),
