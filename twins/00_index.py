@@ -58,21 +58,28 @@
 #
 # | chapter | module | paper |
 # |---|---|---|
-# | `01_data` — COCO instances, transforms, the synthetic *shapes* dataset | `segbook.data`, `segbook.shapes` | – |
+# | `01_data` — COCO instances, transforms, batching, bad-input errors | `segbook.data` | – |
+# | `01b_shapes` — the synthetic *shapes* dataset (COCO JSON + PNG, no download) | `segbook.shapes` | – |
 # | `02_mask_embeddings` — PCA mask codec, energy, DCT and autoencoder alternatives | `segbook.embeddings` | ISTR §3.1, Eqs. 1–3, Fig. 1 |
-# | `03_matching` — matching cost, Hungarian assignment, set prediction loss | `segbook.matching`, `segbook.losses` | ISTR §3.2, Eqs. 4–9 |
+# | `03_matching` — matching cost and Hungarian assignment | `segbook.matching` | ISTR §3.2, Eqs. 4–7 |
+# | `03b_losses` — the set prediction loss with deep supervision | `segbook.losses` | ISTR §3.2, Eqs. 8–9 |
 # | `04_dynamic_attention` — dynamic attention and its alternatives | `segbook.attention` | ISTR Eqs. 10–11 |
 # | `05_istr` — the ISTR model, recurrent refinement, inference without NMS | `segbook.istr` | ISTR §3.3, Alg. 1 |
 # | `06_incoherent_regions` — incoherent regions on a mask pyramid | `segbook.incoherent` | Transfiner §3.1, Eq. 1 |
-# | `07_quadtree` — point quadtree, propagation, sparse feature gather (torch + Triton) | `segbook.quadtree`, `segbook.gather` | Transfiner §3.2 |
+# | `07_quadtree` — point quadtree, node sampling, propagation | `segbook.quadtree` | Transfiner §3.2 |
+# | `07b_gather` — sparse feature gather at quadtree nodes (torch + Triton) | `segbook.gather` | Transfiner §3.2 |
+# | `08_transfiner` — incoherence detector, refinement transformer, heads on ISTR and Mask R-CNN | `segbook.transfiner` | Transfiner §3.2–3.3 |
 # | `09_evaluation` — COCO AP and Boundary AP | `segbook.evaluation` | – |
-# | `10_engine` — configs, training loop, exact resume, DDP | `segbook.config`, `segbook.engine` | – |
+# | `09b_bench` — speed and memory against torchvision's Mask R-CNN | `segbook.bench` | – |
+# | `10_config` — configs: YAML + `key=value` | `segbook.config` | – |
+# | `10_engine` — training loop, exact resume, torchrun/DDP | `segbook.engine` | – |
+# | `10b_pipeline` — train / eval / predict wired from config to COCO results | `segbook.pipeline` | – |
 # | `11_cli` — the `segbook` command | `segbook.cli` | – |
+# | `12_reproduce` — papermill experiments that regenerate `figures/` | `segbook.reproduce` | – |
 # | `90_viz` — overlays and figure saving | `segbook.viz` | – |
 #
-# Chapters still to come (tracked as issues): the Mask Transfiner refinement head (`08_transfiner`),
-# the speed harness against torchvision's Mask R-CNN, and `segbook reproduce` with the experiment
-# notebooks under `nbs/experiments/`.
+# The experiment notebooks under `nbs/experiments/` are not chapters: `segbook reproduce` runs them
+# with papermill parameters per profile (smoke / cpu / gpu).
 
 # %% [markdown]
 # ## Reading the book in JupyterLab
@@ -98,7 +105,16 @@
 # ```bash
 # .venv/bin/segbook data browse --data /path/to/coco --split val2017 --out runs/browse   # look at the ground truth
 # .venv/bin/segbook pca-fit --data /path/to/coco --split train2017 --dim 60 --out runs/pca60.pt   # ISTR's mask codec for your masks
+# .venv/bin/segbook train --config configs/istr_r50_coco.yaml --data /path/to/coco --out runs/r50 data.train_split=train2017 data.val_split=val2017
+# .venv/bin/segbook eval --checkpoint runs/r50/last.pt --split val2017          # bbox / segm / boundary AP, COCO results JSON
+# .venv/bin/segbook predict --checkpoint runs/r50/last.pt img1.jpg img2.jpg --out runs/pred   # overlays + JSON
+# torchrun --nproc_per_node 8 -m segbook.cli train --config configs/istr_r50_coco.yaml --data /path/to/coco --out runs/r50
 # ```
+#
+# `segbook train` fits the PCA codec on your training split when the config names none (the official
+# code only ships COCO's), takes the number of classes from your annotation file, writes checkpoints
+# atomically and resumes a killed run exactly (`OUT/last.pt`). `segbook bench --model CONFIG --vs
+# maskrcnn_r50` times a model against torchvision's Mask R-CNN in the same run.
 #
 # Bad input fails early with the file and field named (a missing image, malformed JSON, an
 # annotation for an unknown image or category); a degenerate polygon or a corrupt image met during a
