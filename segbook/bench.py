@@ -288,8 +288,8 @@ def bench_command(model:str, # segbook ISTR config YAML, or a peer name ('maskrc
 def bench_table(results:list, # bench_command reports (dicts) or paths to their JSON files
                ) -> str:
     "A Markdown table: one row per model per run (latency, FPS, peak memory), with each run's ratio."
-    rows = ["| run | model | device | precision | size | iters | median ms | p90 ms | FPS | peak MB | params (M) | ratio peer/ours |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | model | device | threads | precision | size | iters | median ms | p90 ms | FPS | peak MB | params (M) | ratio peer/ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(results, 1):
         if not isinstance(r, dict):
             r = json.loads(Path(r).read_text())
@@ -299,6 +299,6 @@ def bench_table(results:list, # bench_command reports (dicts) or paths to their 
             peak = f"{m['peak_mem_mb']:.0f}" if m.get("peak_mem_mb") is not None else "n/a"
             ratio = f"{r['ratio']:.2f}" if role == "model" and "ratio" in r else ""
             name = Path(m["spec"]).stem if m["kind"] == "istr" else m["spec"]
-            rows.append(f"| {i} | {name} | {r['device']} | {r['precision']} | {r['size'][0]}x{r['size'][1]} | {r['iters']} | "
+            rows.append(f"| {i} | {name} | {r['device']} | {r['threads']} | {r['precision']} | {r['size'][0]}x{r['size'][1]} | {r['iters']} | "
                         f"{m['median_ms']:.1f} | {m['p90_ms']:.1f} | {m['fps']:.2f} | {peak} | {m['params'] / 1e6:.1f} | {ratio} |")
     return "\n".join(rows) + "\n"
