@@ -65,7 +65,14 @@ def build_model(cfg:TrainConfig) -> torch.nn.Module:
     if cfg.model_type == "istr":
         from segbook.istr import build_istr
         return build_istr(cfg.model)
-    raise ValueError(f"model_type: '{cfg.model_type}' is not built by this version of segbook (available: 'istr')")
+    elif cfg.model_type == "transfiner":
+        from segbook.transfiner import build_transfiner
+        return build_transfiner(cfg.model)
+    elif cfg.model_type == "maskrcnn":
+        from segbook.transfiner import build_transfiner
+        return build_transfiner({**cfg.model, "detector": "maskrcnn"}, with_head=False)
+    raise ValueError(f"model_type: '{cfg.model_type}' is not built by this version of segbook "
+                     "(available: 'istr', 'transfiner', 'maskrcnn')")
 
 # %% ../nbs/10b_pipeline.ipynb #41cf3d1c
 @torch.no_grad()

@@ -1,0 +1,198 @@
+"Mask Transfiner head: shapes, losses, propagation consistency, a learning test, Table 4 switches, Mask R-CNN forward/backward."
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segbook.incoherent import crop_masks, incoherent_pyramid
+from segbook.quadtree import build_quadtree, propagate, sample_nodes, select_nodes, values_at_nodes
+from segbook.transfiner import (IncoherenceDetector, RefinementTransformer, TransfinerConfig, TransfinerHead,
+                                build_transfiner, dice_loss, incoherence_loss, incoherence_metrics, sine_position)
+
+torch.set_num_threads(1)
+SIZES = [28, 56, 112]
+
+
+def disc_scene(n=4, size=128, seed=0):
+    "n images with one disc each: masks [n,H,W], boxes [n,4], FPN levels whose channel 0 is the mask."
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    c = 40 + torch.rand(n, 2, generator=g) * (size - 80)
+    r = 22 + torch.rand(n, generator=g) * 14
+    masks = ((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2 <= r[:, None, None] ** 2).to(torch.uint8)
+    boxes = torch.stack([c[:, 1] - r, c[:, 0] - r, c[:, 1] + r, c[:, 0] + r], 1)
+    levels = []
+    for k in range(4):
+        m = F.avg_pool2d(masks[:, None].float(), 2 ** (k + 2))
+        noise = 0.1 * torch.randn(n, 7, *m.shape[-2:], generator=g)
+        levels.append(torch.cat([m * 2 - 1, noise], 1))
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1)
+    return masks, rois, levels
+
+
+def tiny_cfg(**kw):
+    base = dict(num_classes=3, detector_dim=16, d_model=32, heads=2, layers=1, ffn=64, dropout=0.0, nodes_per_level=32)
+    return TransfinerConfig(**{**base, **kw})
+
+
+def test_detector_shapes_both_modes():
+    feats = [torch.randn(5, 8, s, s) for s in SIZES]
+    for mode in ("cascade", "single"):
+        out = IncoherenceDetector(8, 16, 3, mode)(feats, torch.rand(5, 28, 28))
+        assert [tuple(o.shape) for o in out] == [(5, s, s) for s in SIZES]
+    single = IncoherenceDetector(8, 16, 3, "single")(feats[:1], torch.rand(5, 28, 28))
+    assert torch.equal(single[1], single[0].repeat_interleave(2, -1).repeat_interleave(2, -2))  # nearest-upsampled
+    with pytest.raises(ValueError, match="detector_mode"):
+        IncoherenceDetector(8, 16, 3, "other")
+
+
+def test_metrics_and_dice_by_hand():
+    pred = torch.tensor([1, 1, 0, 0, 1], dtype=torch.bool)
+    tgt = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool)
+    m = incoherence_metrics(pred, tgt)
+    assert math.isclose(float(m["recall"]), 2 / 3, rel_tol=1e-6) and math.isclose(float(m["accuracy"]), 3 / 5, rel_tol=1e-6)
+    p, t = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])
+    assert math.isclose(float(dice_loss(p, t)), 1 - (2 * 0.5 + 1) / (1 + 1 + 1), rel_tol=1e-6)
+
+
+def test_sine_position_shape_and_distinct():
+    yx = torch.tensor([[0, 0], [0, 1], [1, 0]])
+    enc = sine_position(yx, torch.tensor([28, 28, 28]), 32)
+    assert enc.shape == (3, 32)
+    assert not torch.allclose(enc[0], enc[1]) and not torch.allclose(enc[1], enc[2])
+    # RoI-relative: the grid centre encodes the same on every grid side
+    assert torch.allclose(sine_position(torch.tensor([[13, 13]]), torch.tensor([27]), 32),
+                          sine_position(torch.tensor([[55, 55]]), torch.tensor([111]), 32), atol=1e-5)
+
+
+def test_transformer_padding_rows_are_finite():
+    t = RefinementTransformer(16, 2, 1, 32, 0.0)
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    out = t(torch.randn(2, 3, 16), valid)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_propagation_writes_node_values_and_keeps_coarse_when_values_are_coarse():
+    masks, rois, _ = disc_scene(3)
+    coarse = crop_masks(masks, rois[:, 1:], 28, None)
+    nodes = select_nodes(build_quadtree(incoherent_pyramid(masks, rois[:, 1:], SIZES)))
+    assert nodes.valid.any()
+    grids = [coarse] + [F.interpolate(coarse[:, None], size=(s, s), mode="nearest")[:, 0] for s in SIZES[1:]]
+    same = propagate(coarse, nodes, values_at_nodes(grids, nodes), SIZES, "nearest")
+    assert torch.allclose(same, grids[-1])                       # refinement = coarse values -> coarse mask
+    vals = torch.rand(nodes.valid.shape)
+    out = propagate(coarse, nodes, vals, SIZES, "nearest")
+    last = nodes.valid & (nodes.level == 2)
+    assert torch.allclose(values_at_nodes([grids[0], grids[1], out], nodes)[last], vals[last])
+    assert not torch.allclose(out, grids[-1])
+
+
+def test_incoherence_detector_loss_falls():
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(4)
+    cfg = tiny_cfg()
+    head = TransfinerHead(cfg, 8)
+    coarse = crop_masks(masks, rois[:, 1:], 28, None)
+    fpn, feats = head.pyramid(levels, rois)
+    targets = incoherent_pyramid(masks, rois[:, 1:], SIZES)
+    opt = torch.optim.Adam(head.detector.parameters(), 1e-2)
+    losses = []
+    for _ in range(25):
+        loss = incoherence_loss(head.detector(feats, coarse), targets)
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _iou(a, b):
+    a, b = a.bool(), b.bool()
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_head_learns_to_fix_the_boundary():
+    "A tiny head on blocky coarse masks (7² upsampled) and features that see the mask: refined IoU beats coarse IoU."
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(4, seed=1)
+    gt112 = crop_masks(masks, rois[:, 1:], 112)
+    blocky = F.interpolate(crop_masks(masks, rois[:, 1:], 7, None)[:, None], size=(28, 28), mode="nearest")[:, 0]
+    coarse_logits = torch.logit(blocky.clamp(0.02, 0.98))
+    head = TransfinerHead(tiny_cfg(nodes_per_level=64, inc_threshold=[0.15, 0.15, 0.15]), 8)
+    opt = torch.optim.AdamW(head.parameters(), 6e-3)
+    for _ in range(40):
+        l = head.loss(levels, rois, coarse_logits, masks)
+        loss = l["loss_refine"] + 0.5 * l["loss_incoherent"]
+        opt.zero_grad(); loss.backward(); opt.step()
+    head.eval()
+    refined = head.refine(levels, rois, blocky)
+    coarse_up = F.interpolate(blocky[:, None], size=(112, 112), mode="nearest")[:, 0]  # what propagation without nodes gives
+    iou_coarse, iou_refined = _iou(coarse_up >= 0.5, gt112), _iou(refined >= 0.5, gt112)
+    assert iou_refined > iou_coarse + 0.01, (iou_coarse, iou_refined)
+
+
+@pytest.mark.parametrize("switch", [{}, {"node_feature": False}, {"node_coarse": False}, {"node_pos": False},
+                                    {"node_context": False}, {"detector_mode": "single"}, {"propagation": "bilinear"},
+                                    {"refine_loss": "l1", "detector_loss": "bce+dice"}, {"train_nodes": "pred"},
+                                    {"incoherent_target": "bilinear"}])
+def test_table4_switches_forward_backward(switch):
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(2)
+    levels = [l.requires_grad_() for l in levels]
+    head = TransfinerHead(tiny_cfg(**switch, inc_threshold=[0.0, 0.0, 0.0] if switch.get("train_nodes") else [0.5] * 3), 8)
+    coarse = torch.randn(2, 28, 28, requires_grad=True)
+    l = head.loss(levels, rois, coarse, masks)
+    (l["loss_refine"] + l["loss_incoherent"]).backward()
+    assert torch.isfinite(l["loss_refine"]) and float(l["loss_refine"]) > 0
+    grads = [p.grad for p in head.transformer.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    head.eval()
+    assert head.refine(levels, rois, coarse.detach().sigmoid()).shape == (2, 112, 112)
+
+
+def tiny_detector_targets():
+    masks, rois, _ = disc_scene(2, size=64, seed=3)
+    return [{"boxes": rois[i:i + 1, 1:], "labels": torch.tensor([i % 3]), "masks": masks[i:i + 1],
+             "size": torch.tensor([64, 64]), "orig_size": torch.tensor([64, 64])} for i in range(2)]
+
+
+MASKRCNN_TINY = dict(num_classes=3, backbone="resnet18", norm="bn", trainable_layers=5, fpn_dim=16,
+                     anchor_sizes=[8, 16, 32, 64, 128], box_head_dim=32, rpn_batch_size_per_image=32,
+                     box_batch_size_per_image=32, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                     rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, detector_dim=16, d_model=32, heads=2,
+                     layers=1, ffn=64, max_train_rois=6, nodes_per_level=16, max_nodes_per_roi=256)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_maskrcnn_families_forward_backward_and_predict(with_head):
+    torch.manual_seed(0)
+    model = build_transfiner(MASKRCNN_TINY, with_head=with_head)
+    images = torch.randn(2, 3, 64, 64)
+    losses = model(images, tiny_detector_targets())
+    assert ("loss_refine" in losses) == with_head and "loss_coarse" in losses
+    losses["loss"].backward()
+    assert model.net.backbone.body.conv1.weight.grad.abs().sum() > 0
+    if with_head:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.transformer.parameters())
+    model.eval()
+    preds = model.predict(images, torch.tensor([[64, 64], [64, 64]]), torch.tensor([[128, 96], [64, 64]]), topk=5)
+    assert len(preds) == 2 and preds[0]["masks"].shape[1:] == (1, 128, 96) and preds[0]["boxes"].shape[0] <= 5
+    assert all(p["labels"].min() >= 0 and p["labels"].max() < 3 for p in preds if len(p["labels"]))
+
+
+def test_maskrcnn_detector_loss_falls():
+    torch.manual_seed(0)
+    model = build_transfiner(MASKRCNN_TINY, with_head=False)
+    images, tg = torch.randn(2, 3, 64, 64), tiny_detector_targets()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    first = None
+    for _ in range(12):
+        l = model(images, tg)
+        opt.zero_grad(); l["loss"].backward(); opt.step()
+        first = first if first is not None else float(l["loss"])
+    assert float(l["loss"]) < 0.8 * first, (first, float(l["loss"]))
+
+
+def test_config_rejects_unknown_keys_and_istr_detector_is_not_built():
+    with pytest.raises(ValueError, match="unknown TransfinerConfig"):
+        TransfinerConfig.from_dict({"nodes_per_lvl": 3})
+    with pytest.raises(NotImplementedError, match="istr"):
+        build_transfiner({"detector": "istr"})
