@@ -7,7 +7,7 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
-           'reproduce_command']
+           'reproduce_command', 'find_coco_mini', 'experiment_context', 'write_table', 'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import json
@@ -20,6 +20,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import papermill
 from tqdm.auto import tqdm
@@ -203,3 +204,81 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
         result["figures"] = str(dest)
     if progress: print(f"[reproduce] {len(names) - len(failed)}/{len(names)} ok, {result['wall_seconds']} s; failed: {failed or 'none'}", flush=True)
     return result
+
+# %% ../nbs/12_reproduce.ipynb #d712980a
+def find_coco_mini(start=None) -> Path|None:
+    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` (default: cwd) or one of its parents."
+    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
+    start = Path(start or Path.cwd()).resolve()
+    for d in [start, *start.parents]:
+        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
+    return None
+
+def experiment_context(out_dir=None, # run folder of the notebook; None: a temporary folder
+                       shapes_root=None, # shapes data set; None: generate a tiny one in out_dir/shapes
+                       coco_root=None, # coco-mini; None: find_coco_mini()
+                       seed:int=0, n_train:int=32, n_val:int=8) -> SimpleNamespace:
+    "Folders of one experiment run: `.out`, `.shapes`, `.coco` (or None), `.tables` (figures_dir()/tables)."
+    import torch
+    from segbook.viz import figures_dir
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if not os.environ.get("SEGBOOK_FIGURES"):
+        os.environ["SEGBOOK_FIGURES"] = tempfile.mkdtemp(prefix="segbook-figures-")
+    out = Path(out_dir or tempfile.mkdtemp(prefix="segbook-experiment-")); out.mkdir(parents=True, exist_ok=True)
+    if shapes_root is None:
+        from segbook.shapes import write_shapes_dataset
+        shapes_root = out / "shapes"
+        if not (shapes_root / "annotations" / "instances_val.json").exists():
+            write_shapes_dataset(shapes_root, n_train=n_train, n_val=n_val, size=128, seed=seed)
+    coco = Path(coco_root) if coco_root else find_coco_mini()
+    tables = figures_dir() / "tables"; tables.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(out=out, shapes=Path(shapes_root), coco=coco, tables=tables)
+
+def write_table(path, # .md file to write
+                lines:list, # markdown lines
+                echo:bool=True) -> Path:
+    "Write markdown `lines` to `path` (temp file + rename) and print them."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp"); tmp.write_text("\n".join(lines) + "\n"); os.replace(tmp, path)
+    if echo: print("\n".join(lines))
+    return path
+
+# %% ../nbs/12_reproduce.ipynb #fe5f92f4
+def train_istr_variant(config, # YAML file (e.g. configs/istr_shapes_cpu.yaml)
+                       data_root, # COCO-layout root (the shapes set)
+                       out_dir, # run folder (last.pt, metrics.jsonl, config.yaml, codec.pt)
+                       iters:int, # training iterations
+                       batch_size:int, # images per iteration
+                       eval_images:int|None=None, # evaluate on the first N val images
+                       seed:int=0, device:str="cpu",
+                       model:dict|None=None, # `model:` keys to override (ISTRConfig fields)
+                       matching:dict|None=None, # MatchingConfig fields (Table 1b: mask_cost)
+                       loss:dict|None=None, # SetLossConfig fields (Table 1c: mask_loss)
+                       progress:bool=False) -> dict:
+    "Train one ISTR variant for `iters` iterations and evaluate it -> the engine's summary (its `eval` holds the APs)."
+    from segbook.config import load_config
+    from segbook.data import collate
+    from segbook.engine import build_train_loader, dist_info, resolve_device, seed_everything, train
+    from segbook.istr import build_istr
+    from segbook.losses import SetLossConfig
+    from segbook.matching import MatchingConfig
+    from segbook.pipeline import ensure_codec, eval_dataset, evaluate_model, train_dataset, with_dataset_classes
+    ov = [f"data.root={data_root}", f"solver.max_iters={iters}", f"data.batch_size={batch_size}", f"seed={seed}",
+          f"device={device}", f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
+          "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
+    ov += [f"model.{k}={json.dumps(v)}" for k, v in (model or {}).items()]
+    cfg = load_config(config, ov)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    ds = train_dataset(cfg)
+    cfg = with_dataset_classes(cfg, ds)
+    cfg = ensure_codec(cfg, out, progress)
+    seed_everything(cfg.seed)
+    net = build_istr(cfg.model, matching=MatchingConfig(mask_size=cfg.model.get("mask_size", 28), **(matching or {})),
+                     loss=SetLossConfig(**(loss or {})))
+    loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
+    dev = resolve_device(cfg.device, dist_info())
+    val = eval_dataset(cfg)
+    summary = train(net, loader, cfg, out, evaluate_fn=lambda m: evaluate_model(m, val, dev, max_images=eval_images, progress=False),
+                    resume=True, progress=progress)
+    return {**summary, "model": net, "val": val, "device": str(dev)}
