@@ -69,6 +69,8 @@ def _cmd_predict(a):
 
 def _cmd_bench(a):
     from segbook.bench import bench_command
+    if a.threads:
+        import torch; torch.set_num_threads(a.threads)
     print(json.dumps(bench_command(model=a.model, vs=a.vs, device=a.device, size=a.size, iters=a.iters,
                                    warmup=a.warmup, amp=a.amp, out=a.out)))
 
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--iters", type=int, default=50, help="timed iterations per model")
     k.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations per model")
     k.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (CUDA only)")
+    k.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
     k.add_argument("--out", help="JSON file for the results")
     k.set_defaults(func=_cmd_bench)
 
