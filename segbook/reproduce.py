@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
                "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables"]
 
-_SMOKE_TRAIN = dict(iters=8, batch_size=2, eval_images=16)
+_SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
 PROFILES = {
     "smoke": {
         "_shapes": dict(n_train=64, n_val=16, size=128),

@@ -1,0 +1,46 @@
+"The papermill driver: a failing notebook is reported, the others still run, results.json is stamped and atomic."
+import json
+
+import nbformat
+import pytest
+
+from segbook.reproduce import reproduce_command, run_notebook
+
+PARAMS = "profile = 'x'\nout_dir = None\nseed = 0\ndevice = 'cpu'\nshapes_root = None\ncoco_root = None\nk = 1"
+
+def _nb(path, body):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(PARAMS); p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, path)
+
+def test_failure_reported_and_others_run(tmp_path):
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    _nb(nbs / "a_bad.ipynb", "raise ValueError('broken on purpose')")
+    _nb(nbs / "b_good.ipynb", "import json, pathlib\npathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k, 'profile': profile}))")
+    res = reproduce_command("t", tmp_path / "out", notebooks_dir=nbs, profiles={"t": {"a_bad": {}, "b_good": {"k": 5}}},
+                            figures=tmp_path / "figs", progress=False)
+    assert res["failed"] == ["a_bad"]
+    bad = res["notebooks"]["a_bad"]
+    assert bad["status"] == "failed" and bad["error"] == "ValueError" and "broken on purpose" in bad["message"]
+    assert "raise ValueError" in bad["cell_source"]
+    good = res["notebooks"]["b_good"]
+    assert good["status"] == "ok" and good["results"] == {"k": 5, "profile": "t"}  # parameters reached the notebook
+    on_disk = json.loads((tmp_path / "figs" / "results.json").read_text())
+    assert on_disk["profile"] == "t" and on_disk["seed"] == 0 and on_disk["finished"] is True
+    assert {"commit", "dirty"} <= set(on_disk["git"]) and "torch" in on_disk["device"]
+    assert all("seconds" in r for r in on_disk["notebooks"].values())
+    assert not list((tmp_path / "figs").glob("*.tmp")) and not list((tmp_path / "out").glob("*.tmp"))
+
+def test_refuses_in_place(tmp_path):
+    _nb(tmp_path / "x.ipynb", "pass")
+    with pytest.raises(ValueError, match="in place"):
+        run_notebook(tmp_path / "x.ipynb", tmp_path / "x.ipynb", {})
+
+def test_unknown_profile_and_notebook(tmp_path):
+    with pytest.raises(ValueError, match="profile"):
+        reproduce_command("nope", tmp_path / "o", progress=False)
+    (tmp_path / "nbs").mkdir()
+    with pytest.raises(ValueError, match="no such notebook"):
+        reproduce_command("t", tmp_path / "o", only=["missing"], notebooks_dir=tmp_path / "nbs", profiles={"t": {}}, progress=False)
