@@ -40,7 +40,8 @@ def _cmd_train(a):
 
 def _cmd_eval(a):
     from segbook.pipeline import eval_command
-    print(json.dumps(eval_command(a.checkpoint, data=a.data, split=a.split, device=a.device, out=a.out, max_images=a.max_images)))
+    print(json.dumps(eval_command(a.checkpoint, data=a.data, split=a.split, device=a.device, out=a.out, max_images=a.max_images,
+                                  overrides=_overrides(a))))
 
 def _cmd_predict(a):
     from segbook.pipeline import predict_command
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     e.add_argument("--out", help="folder for metrics.json and results.json (default: RUN/eval_SPLIT)")
     e.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the run's config, e.g. model.refine=false (coarse masks of a Transfiner run)")
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("predict", help="detect instances in image files: overlay PNGs + COCO-style JSON")

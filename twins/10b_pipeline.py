@@ -193,13 +193,15 @@ def train_command(config, # YAML file
     return train(model, loader, cfg, out, evaluate_fn=evaluate_fn, resume=resume, progress=progress)
 
 def load_trained(checkpoint, # a last.pt written by `segbook train`
-                 device="cpu") -> tuple:
+                 device="cpu",
+                 overrides=()) -> tuple: # `key=value` changes to the run's config, e.g. model.refine=false
+
     "Rebuild the model of a run from its folder (config.yaml, codec.pt) and load the checkpoint -> (model, cfg)."
     from segbook.engine import load_checkpoint
     ck_path = Path(checkpoint); run = ck_path.parent
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run / 'config.yaml'}: missing — a checkpoint is read together with the config of its run")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", list(overrides))
     cp = cfg.model.get("codec_path")
     if cp and not Path(cp).exists() and (run / "codec.pt").exists():  # run folder moved: use its own codec
         cfg = replace(cfg, model={**cfg.model, "codec_path": str(run / "codec.pt")})
@@ -208,9 +210,10 @@ def load_trained(checkpoint, # a last.pt written by `segbook train`
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), cfg
 
-def eval_command(checkpoint, data=None, split=None, device="cpu", out=None, max_images=None, progress=True) -> dict:
+def eval_command(checkpoint, data=None, split=None, device="cpu", out=None, max_images=None, progress=True,
+                 overrides=()) -> dict:
     "`segbook eval`: bbox / segm / boundary AP of a checkpoint on a split; metrics (and COCO results) written to `out`."
-    model, cfg = load_trained(checkpoint, device)
+    model, cfg = load_trained(checkpoint, device, overrides)
     if data: cfg = replace(cfg, data=replace(cfg.data, root=str(data)))
     ds = eval_dataset(cfg, split)
     out = Path(out) if out else Path(checkpoint).parent / f"eval_{ds.split}"
