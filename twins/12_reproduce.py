@@ -64,8 +64,9 @@ from tqdm.auto import tqdm
 
 # %%
 #| export
-EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
-               "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables"]
+EXPERIMENTS = ["istr_fig1_energy", "transfiner_table1", "istr_ablations", "istr_stages"]
+# Planned, with profile settings below, not yet written as notebooks (issue 8):
+# "paper_vs_code", "transfiner_table7_efficiency", "compare_maskrcnn", "transfiner_tables".
 
 _SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
 PROFILES = {
