@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 export MPLBACKEND=Agg
-.venv/bin/nbdev-test --n_workers 2 --timing
+.venv/bin/nbdev-test --n-workers 2 --timing
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?
