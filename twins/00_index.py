@@ -15,7 +15,7 @@
 # %% [markdown]
 # # segbook
 #
-# > Read, run and trust two instance-segmentation papers: **ISTR** and **Mask Transfiner**.
+# > Read, run and trust two instance-segmentation papers: ISTR and Mask Transfiner.
 #
 # segbook is a Jupyter-first research book. Each chapter derives one idea of a paper — prose, the
 # paper's equation, a few short exported cells, an example, tests, a figure — and exports it into the
