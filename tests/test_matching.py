@@ -7,33 +7,14 @@ import torch
 
 from segbook.matching import (MatchingConfig, assign, cost_box_giou, cost_box_l1, cost_class, cost_mask_cosine,
                               cost_mask_dice, hungarian_match, matching_cost, prepare_targets)
+from stand_ins import OrthoCodec as _OrthoCodec, one_thread, rect_masks  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "These tensors are tiny: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (10x here)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class OrthoCodec(torch.nn.Module):
-    "Stand-in codec: a random orthonormal basis of the s² pixel space."
-    def __init__(self, s=8, l=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.s = s
-        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
-    def encode(self, m): return m.flatten(1).float() @ self.D
-    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
-
-
-def rect_masks(boxes, h, w):
-    ys, xs = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
-    if len(boxes) == 0:
-        return torch.zeros(0, h, w, dtype=torch.uint8)
-    return torch.stack([((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)) for x0, y0, x1, y1 in boxes.tolist()]).to(torch.uint8)
+def OrthoCodec(s=8, l=16, seed=0):
+    "The shared stand-in codec with this file's default l."
+    return _OrthoCodec(s, l, seed)
 
 
 def random_batch(g, ns, Q=6, C=4, l=16, H=40, W=50):
