@@ -6,11 +6,13 @@ Docs: https://segbook.github.io/segbook/bench.html.md"""
 
 # %% auto #0
 __all__ = ['PEERS', 'TIMED', 'parse_size', 'random_pca_codec', 'istr_preprocess', 'BenchModel', 'build_maskrcnn_r50',
-           'build_bench_model', 'memory_method', 'measure_call', 'time_alternately', 'latency_summary', 'device_name',
-           'bench_command', 'bench_table']
+           'build_bench_model', 'cpu_peak_works', 'memory_method', 'measure_call', 'time_alternately',
+           'latency_summary', 'device_name', 'bench_command', 'bench_table']
 
 # %% ../nbs/09b_bench.ipynb #d0c5eabd
+import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -125,8 +127,16 @@ def _cpu_rss_kb(field:str) -> int|None:
         return None
     return None
 
+def _release_free_memory():
+    "Hand freed heap pages back to the OS (glibc `malloc_trim`), so that RSS counts only live memory."
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
 def _reset_cpu_peak() -> bool:
     "Reset the process's VmHWM to its current RSS (Linux `/proc/self/clear_refs`); False where impossible."
+    _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -134,13 +144,24 @@ def _reset_cpu_peak() -> bool:
     except OSError:
         return False
 
+@functools.cache
+def cpu_peak_works() -> bool:
+    "Whether resetting VmHWM works here: a touched 32 MiB tensor must raise it by at least 24 MiB."
+    if not _reset_cpu_peak():
+        return False
+    base = _cpu_rss_kb("VmRSS")
+    probe = torch.ones(8 * 2**20)                         # 32 MiB of float32, every page written
+    grew = (_cpu_rss_kb("VmHWM") - base) * 1024
+    del probe
+    return grew >= 24 * 2**20
+
 def memory_method(device:torch.device) -> str:
     "How `measure_call` measures peak memory on `device`."
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the call"
-    if _reset_cpu_peak():
-        return "CPU: VmHWM (after resetting it via /proc/self/clear_refs) minus VmRSS before the call"
-    return "unavailable (no resettable VmHWM on this OS); peak_mem_mb is null"
+    if cpu_peak_works():
+        return ("CPU: VmHWM (reset via /proc/self/clear_refs after malloc_trim) minus VmRSS before the call")
+    return "unavailable (VmHWM cannot be reset or does not track allocations on this OS); peak_mem_mb is null"
 
 def measure_call(fn, # the call to time: fn(x)
                  x, # its input
@@ -154,7 +175,7 @@ def measure_call(fn, # the call to time: fn(x)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _cpu_rss_kb("VmRSS") if _reset_cpu_peak() else None
+        base = _cpu_rss_kb("VmRSS") if cpu_peak_works() and _reset_cpu_peak() else None
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(amp)
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
