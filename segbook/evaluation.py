@@ -27,6 +27,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
+from .data import area_ranges
+
 # %% ../nbs/09_evaluation.ipynb #a2b55291
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
@@ -222,11 +224,13 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
     unknown = set(iou_types) - set(IOU_TYPES)
     if unknown: raise ValueError(f"iou_types: unknown {sorted(unknown)}; choose from {IOU_TYPES}")
     out, dets = {}, {}
+    rng = area_ranges(coco_gt.dataset)  # COCO's 32²/96² unless the set says otherwise (shapes: scaled to its size)
     for iou_type in iou_types:
         kind = "bbox" if iou_type == "bbox" else "segm"
         if kind not in dets: dets[kind] = _detections(coco_gt, results, iou_type)
         ev = BoundaryCOCOeval(coco_gt, dets[kind], dilation_ratio) if iou_type == "boundary" else \
              COCOeval(coco_gt, dets[kind], iouType=kind)
+        ev.params.areaRng = [rng[k] for k in ("all", "small", "medium", "large")]  # S/M/L of the data set
         out[iou_type] = run_cocoeval(ev, image_ids)
     return out
 

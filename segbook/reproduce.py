@@ -7,7 +7,7 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
-           'reproduce_command', 'find_coco_mini', 'experiment_context', 'write_table', 'train_istr_variant']
+           'reproduce_command', 'experiment_context', 'write_table', 'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import json
@@ -24,6 +24,8 @@ from types import SimpleNamespace
 
 import papermill
 from tqdm.auto import tqdm
+
+from .data import find_coco_mini
 
 # %% ../nbs/12_reproduce.ipynb #9007a75d
 EXPERIMENTS = ["istr_fig1_energy", "transfiner_table1", "istr_ablations", "istr_stages"]
@@ -207,14 +209,6 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
     return result
 
 # %% ../nbs/12_reproduce.ipynb #d712980a
-def find_coco_mini(start=None) -> Path|None:
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` (default: cwd) or one of its parents."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    start = Path(start or Path.cwd()).resolve()
-    for d in [start, *start.parents]:
-        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
-    return None
-
 def experiment_context(out_dir=None, # run folder of the notebook; None: a temporary folder
                        shapes_root=None, # shapes data set; None: generate a tiny one in out_dir/shapes
                        coco_root=None, # coco-mini; None: find_coco_mini()

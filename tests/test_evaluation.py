@@ -241,3 +241,14 @@ def test_image_ids_restricts_evaluation():
     res = [r for r in perturbed_ground_truth(data, 0) if r["image_id"] in (1, 2)]  # images 3, 4 get nothing
     assert np.isclose(evaluate_coco(data, res, ("segm",), image_ids=[1, 2])["segm"]["AP"], 1)
     assert evaluate_coco(data, res, ("segm",))["segm"]["AP"] < 0.6  # half the objects missed
+
+
+def test_size_buckets_follow_the_data_sets_area_rng():
+    "A set that states its own `info.area_rng` (shapes: COCO's 32²/96² scaled to 128² images) is bucketed by it."
+    gt = squares_dataset(4, 20, size=64)                      # 400-pixel squares: COCO 'small'
+    exact = perturbed_ground_truth(gt, 0)
+    coco_buckets = evaluate_coco(gt, exact, ("segm",))["segm"]
+    assert coco_buckets["APs"] == 1 and coco_buckets["APl"] == -1
+    gt["info"] = {"area_rng": {"all": [0, 1e10], "small": [0, 50], "medium": [50, 300], "large": [300, 1e10]}}
+    own = evaluate_coco(gt, exact, ("segm", "boundary"))
+    assert own["segm"]["APl"] == 1 and own["segm"]["APs"] == -1 and own["boundary"]["APl"] == 1

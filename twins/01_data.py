@@ -687,16 +687,19 @@ assert "a.png" in error_of(lambda: CocoInstances(r, "val", on_bad_image="raise")
 # file per image.
 
 # %%
-def find_coco_mini():
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
-    if os.environ.get("SEGBOOK_COCO_MINI"):
-        return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "shared" / "coco-mini").is_dir():
-            return d / "shared" / "coco-mini"
-    return Path("../../shared/coco-mini")
+#| export
+def find_coco_mini(start=None, # where to start looking (default: the working directory)
+                  ) -> Path|None:
+    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` or one of its parents; None if absent."
+    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
+    start = Path(start or Path.cwd()).resolve()
+    for d in [start, *start.parents]:
+        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
+    return None
 
-COCO_MINI = find_coco_mini()
+
+# %%
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 COCO_MINI.exists()
 
 # %%

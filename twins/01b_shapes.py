@@ -397,7 +397,6 @@ for ax, i in zip(axes.flat, range(8)):
 fig.tight_layout()
 save_figure(fig, "data_shapes_grid.png", dpi=64)
 
-
 # %% [markdown]
 # ## Statistics: shapes next to COCO
 #
@@ -407,16 +406,9 @@ save_figure(fig, "data_shapes_grid.png", dpi=64)
 # COCO is dominated by `person`.
 
 # %%
-def find_coco_mini():
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
-    if os.environ.get("SEGBOOK_COCO_MINI"):
-        return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for p in [Path.cwd(), *Path.cwd().parents]:
-        if (p / "shared" / "coco-mini").is_dir():
-            return p / "shared" / "coco-mini"
-    return Path("../../shared/coco-mini")
+from segbook.data import find_coco_mini
 
-COCO_MINI = find_coco_mini()
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 stats = {"shapes (train, 200 images)": coco_statistics(info["train"]["annotations"])}
 if COCO_MINI.exists():
     stats["coco-mini (train2017)"] = coco_statistics(COCO_MINI / "annotations" / "instances_train2017.json")

@@ -72,16 +72,9 @@ torch.manual_seed(0)
 # (nbdev-test) or users share a few cores, which made the autoencoder cells ~10x slower.
 torch.set_num_threads(1)
 
-def find_coco_mini() -> Path:
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
-    if os.environ.get("SEGBOOK_COCO_MINI"):
-        return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "shared" / "coco-mini").is_dir():
-            return d / "shared" / "coco-mini"
-    return Path("../../shared/coco-mini")
+from segbook.data import find_coco_mini
 
-COCO_MINI = find_coco_mini()
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 COCO_MINI.exists()
 
 

@@ -491,16 +491,9 @@ assert raises(lambda: hungarian_match(bad, targets, MatchingConfig(), codec), "i
 import os
 from pathlib import Path
 
-def find_coco_mini() -> Path:
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` found walking up from the working directory."
-    if os.environ.get("SEGBOOK_COCO_MINI"):
-        return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "shared" / "coco-mini").is_dir():
-            return d / "shared" / "coco-mini"
-    return Path("shared/coco-mini")
+from segbook.data import find_coco_mini
 
-COCO_MINI = find_coco_mini()
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 COCO_MINI.exists()
 
 

@@ -178,14 +178,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from segbook.viz import save_figure
 
-def find_coco_mini():
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside the cwd or one of its parents."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
-    return Path("../../shared/coco-mini")
+from segbook.data import find_coco_mini
 
-COCO_MINI = find_coco_mini()
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 print(COCO_MINI, COCO_MINI.exists())
 
 

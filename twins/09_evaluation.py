@@ -50,6 +50,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
+from segbook.data import area_ranges
+
 
 # %% [markdown]
 # ## From predictions to COCO results
@@ -408,11 +410,13 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
     unknown = set(iou_types) - set(IOU_TYPES)
     if unknown: raise ValueError(f"iou_types: unknown {sorted(unknown)}; choose from {IOU_TYPES}")
     out, dets = {}, {}
+    rng = area_ranges(coco_gt.dataset)  # COCO's 32²/96² unless the set says otherwise (shapes: scaled to its size)
     for iou_type in iou_types:
         kind = "bbox" if iou_type == "bbox" else "segm"
         if kind not in dets: dets[kind] = _detections(coco_gt, results, iou_type)
         ev = BoundaryCOCOeval(coco_gt, dets[kind], dilation_ratio) if iou_type == "boundary" else \
              COCOeval(coco_gt, dets[kind], iouType=kind)
+        ev.params.areaRng = [rng[k] for k in ("all", "small", "medium", "large")]  # S/M/L of the data set
         out[iou_type] = run_cocoeval(ev, image_ids)
     return out
 
@@ -511,7 +515,6 @@ for ax, (name, data, px) in zip(axes, [("large, dilated 3 px", large, 3), ("smal
 fig.suptitle("Boundary bands (B2): GT green, detection orange, overlap white", fontsize=10)
 save_figure(fig, "evaluation_bands_synthetic.png"); plt.close(fig)
 
-
 # %% [markdown]
 # ## On real masks: coco-mini val
 #
@@ -521,14 +524,9 @@ save_figure(fig, "evaluation_bands_synthetic.png"); plt.close(fig)
 # `SEGBOOK_COCO_MINI` to point elsewhere).
 
 # %%
-def find_coco_mini() -> Path:
-    "coco-mini: $SEGBOOK_COCO_MINI, else the first `shared/coco-mini` found walking up from the working directory."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "shared" / "coco-mini").is_dir(): return d / "shared" / "coco-mini"
-    return Path.cwd() / "shared" / "coco-mini"
+from segbook.data import find_coco_mini
 
-COCO_MINI = find_coco_mini()
+COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 VAL_JSON = COCO_MINI / "annotations" / "instances_val2017.json"
 VAL_JSON.exists()
 

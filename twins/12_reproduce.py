@@ -38,6 +38,8 @@ from types import SimpleNamespace
 import papermill
 from tqdm.auto import tqdm
 
+from segbook.data import find_coco_mini
+
 # %% [markdown]
 # ## What one run does
 #
@@ -289,14 +291,6 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
 
 # %%
 #| export
-def find_coco_mini(start=None) -> Path|None:
-    "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` (default: cwd) or one of its parents."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    start = Path(start or Path.cwd()).resolve()
-    for d in [start, *start.parents]:
-        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
-    return None
-
 def experiment_context(out_dir=None, # run folder of the notebook; None: a temporary folder
                        shapes_root=None, # shapes data set; None: generate a tiny one in out_dir/shapes
                        coco_root=None, # coco-mini; None: find_coco_mini()
