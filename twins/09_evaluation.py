@@ -589,3 +589,27 @@ if VAL_JSON.exists():
 # Speed: the bands are one distance transform per mask on its bounding box, cached per annotation; the pairwise
 # IoUs are pycocotools' RLE routines. `benchmarks/bench_boundary.py` times bbox / segm / boundary evaluation
 # on coco-mini val and writes `benchmarks/results/boundary.json`.
+
+# %% [markdown]
+# ## A trained model: ISTR on shapes, measured
+#
+# The APs a trained model gets, read from the committed records in `figures/results/` (written by
+# `tools/record_run.py` from the run folder: the commands, the machine, the git commit, the training curve and
+# every `segbook eval` of the run). Training does not run here — it takes most of an hour on 2 CPU cores; each
+# record names the commands that regenerate it. Shapes val has 200 images of 128², so S/M/L are COCO's
+# 32²/96² scaled to the image (the data set's `info.area_rng`).
+
+# %%
+RESULTS = Path("../figures/results") if Path("../figures/results").is_dir() else Path("figures/results")
+records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*shapes*.json"))} if RESULTS.is_dir() else {}
+rows = []
+for name, rec in records.items():
+    for split, m in rec["evaluations"].items():
+        rows.append([name, split, rec["training"]["iterations"]] + [f"{100 * m[f'{t}_{s}']:.1f}" for t in ("bbox", "segm", "boundary")
+                                                                   for s in ("AP", "AP50", "APs", "APm", "APl")])
+head = ["run", "eval", "iters"] + [f"{t} {s}" for t in ("box", "mask", "bnd") for s in ("AP", "AP50", "APs", "APm", "APl")]
+print(" | ".join(head)); print("\n".join(" | ".join(map(str, r)) for r in rows) or "no records in figures/results/")
+
+# %%
+for rec in records.values():  # a record without its commands or commit is not evidence
+    assert rec["commands"] and rec["git"].get("commit") and rec["evaluations"]
