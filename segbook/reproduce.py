@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from .data import find_coco_mini
 
 # %% ../nbs/12_reproduce.ipynb #9007a75d
-EXPERIMENTS = ["istr_fig1_energy", "transfiner_table1", "istr_ablations", "istr_stages"]
-# Planned, with profile settings below, not yet written as notebooks (issue 8):
-# "paper_vs_code", "transfiner_table7_efficiency", "compare_maskrcnn", "transfiner_tables".
+EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
+               "istr_ablations", "istr_stages"]
+# Planned, with profile settings below, not yet written as notebooks (issue 8): "compare_maskrcnn", "transfiner_tables".
 
 _SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
 PROFILES = {
@@ -38,7 +38,7 @@ PROFILES = {
         "_shapes": dict(n_train=64, n_val=16, size=128),
         "istr_fig1_energy": dict(max_masks=4000, dims=[10, 20, 40, 60]),
         "transfiner_table1": dict(splits=["val2017"]),
-        "transfiner_table7_efficiency": dict(rois=[10, 50], repeats=1),
+        "transfiner_table7_efficiency": dict(rois=[10, 50], repeats=1, max_tokens=30000),
         "istr_ablations": dict(_SMOKE_TRAIN, variants="all"),
         "istr_stages": dict(_SMOKE_TRAIN),
         "compare_maskrcnn": dict(_SMOKE_TRAIN),
@@ -49,7 +49,7 @@ PROFILES = {
         "_shapes": dict(n_train=2000, n_val=200, size=128),
         "istr_fig1_energy": dict(max_masks=20000, dims=[10, 20, 40, 60, 80, 100]),
         "transfiner_table1": dict(splits=["val2017", "train2017"]),
-        "transfiner_table7_efficiency": dict(rois=[10, 50, 100], repeats=3),
+        "transfiner_table7_efficiency": dict(rois=[10, 50, 100], repeats=3, max_tokens=100000),
         "istr_ablations": dict(iters=300, batch_size=4, eval_images=100, variants="all"),
         "istr_stages": dict(iters=1000, batch_size=4, eval_images=200),
         "compare_maskrcnn": dict(iters=600, batch_size=4, eval_images=200),
