@@ -1,4 +1,4 @@
-"""The incoherence detector, the node encoder, the refinement transformer and quadtree propagation, trained on torchvision's Mask R-CNN; `model_type: maskrcnn` is the plain detector with our interface.
+"""The incoherence detector, the node encoder, the refinement transformer and quadtree propagation, trained on torchvision's Mask R-CNN (the paper) or on ISTR's query-based detections (this book's combination); `model_type: maskrcnn` is the plain detector with our interface.
 
 Docs: https://segbook.github.io/segbook/transfiner.html.md"""
 
@@ -7,7 +7,8 @@ Docs: https://segbook.github.io/segbook/transfiner.html.md"""
 # %% auto #0
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
            'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'RefinementTransformer',
-           'TransfinerHead', 'build_torchvision_maskrcnn', 'pad_masks', 'MaskRCNNTransfiner', 'build_transfiner']
+           'TransfinerHead', 'build_torchvision_maskrcnn', 'pad_masks', 'MaskRCNNTransfiner', 'istr_config',
+           'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
@@ -429,13 +430,133 @@ class MaskRCNNTransfiner(nn.Module):
             out.append(dict(boxes=bx, labels=d["labels"] - 1, scores=d["scores"], masks=paste_masks(m, bx, int(H0), int(W0))))
         return out
 
+# %% ../nbs/08_transfiner.ipynb #bb68e6af
+def istr_config(cfg:TransfinerConfig): # detector='istr'
+    "The `ISTRConfig` of `cfg.istr` with `cfg.num_classes`; checks that ISTR's mask side is the head's coarse grid."
+    from segbook.istr import ISTRConfig
+    if "num_classes" in cfg.istr:
+        raise ValueError("model.istr.num_classes: set model.num_classes instead (one class count; `segbook train` "
+                         "takes it from the data set)")
+    icfg = ISTRConfig.from_dict({**cfg.istr, "num_classes": cfg.num_classes}, source="model.istr")
+    if icfg.mask_size != cfg.sizes[0]:
+        raise ValueError(f"model.istr.mask_size={icfg.mask_size} must equal model.sizes[0]={cfg.sizes[0]}: "
+                         "ISTR's decoded mask is the coarse grid the head refines")
+    return icfg
+
+def clip_to_images(boxes:torch.Tensor, # [...,4] xyxy pixels
+                   sizes:torch.Tensor, # [...,2] (h, w) of each box's image, broadcastable
+                  ) -> torch.Tensor: # [...,4] clipped to [0,w]x[0,h]
+    "Clip xyxy boxes to their images (the clamp of `segbook.istr.postprocess`, batched)."
+    wh = sizes.flip(-1).to(boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), torch.cat([wh, wh], -1))
+
+def query_masks(stage:dict, # one ISTR stage: `mask_embed` [B,Q,l] or `mask_logits` [B,Q,s,s]
+                b:torch.Tensor, # [M] image index of each wanted mask
+                q:torch.Tensor, # [M] query index
+                codec=None, # the fixed decoder, for `mask_embed`
+               ) -> torch.Tensor: # [M,s,s] probabilities
+    "ISTR's coarse masks of chosen queries: decoded embeddings f(r̃) (ISTR Eq. 3), or the sigmoid of raw logits."
+    if "mask_embed" in stage:
+        if codec is None:
+            raise ValueError("query_masks: 'mask_embed' predictions need the codec to decode them")
+        return codec.decode(stage["mask_embed"][b, q])
+    return stage["mask_logits"][b, q].sigmoid()
+
+def topk_pairs(logits:torch.Tensor, # [B,Q,C] class logits of the last stage
+               topk:int=100) -> tuple: # (scores, query, labels), each [B,K]
+    "ISTR's inference selection (as `segbook.istr.postprocess`): top-k (query, class) pairs by sigmoid score, no NMS."
+    B, Q, C = logits.shape
+    scores, idx = torch.sigmoid(logits).flatten(1).topk(min(topk, Q * C), dim=1)
+    return scores, idx // C, idx % C
+
+# %% ../nbs/08_transfiner.ipynb #4c2f0a0b
+class ISTRTransfiner(nn.Module):
+    "ISTR (`segbook.istr`) as the detector; with `head`, Mask Transfiner refines its decoded 28² masks (no NMS)."
+    def __init__(self, cfg:TransfinerConfig, with_head:bool=True,
+                 codec:Optional[nn.Module]=None): # mask codec; default: load `cfg.istr['codec_path']`
+        super().__init__()
+        from segbook.istr import build_istr
+        self.cfg, self.num_classes = cfg, cfg.num_classes
+        self.istr = build_istr(istr_config(cfg), codec)
+        self.head = TransfinerHead(cfg, self.istr.cfg.hidden) if with_head else None
+        self.refine = cfg.refine and with_head
+        self._seen = {}
+        self.istr.backbone.register_forward_hook(self._keep_levels)
+
+    def _keep_levels(self, module, args, out):
+        from segbook.istr import FPN_LEVELS
+        self._seen["levels"] = [out[k] for k in FPN_LEVELS]
+
+    def forward(self, images:torch.Tensor, # [B,3,H,W] normalised, padded batch
+                targets:list, # segbook.data targets
+               ) -> dict: # ISTR's loss_* terms, loss_incoherent, loss_refine and the total 'loss'
+        cfg, dev = self.cfg, images.device
+        sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)
+        stages = self.istr(images, sizes)["stages"]
+        levels = self._seen.pop("levels")
+        out, indices = self.istr.criterion(stages, targets, return_indices=True)
+        if self.head is None:
+            return out
+        matched = indices[-1]                                                  # last stage: per image (queries, GTs)
+        b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matched)]).to(dev)
+        q = torch.cat([q for q, _ in matched]).to(dev)
+        n = min(cfg.max_train_rois, len(q))
+        if n:
+            H, W = images.shape[-2:]
+            b, q = b[:n], q[:n]
+            gts = torch.cat([pad_masks(t["masks"][g.to(t["masks"].device)], H, W) for t, (_, g) in zip(targets, matched)])[:n]
+            last = stages[-1]
+            boxes = clip_to_images(last["boxes"][b, q].detach(), sizes[b])
+            coarse = query_masks(last, b, q, self.istr.codec)
+            h = self.head.loss(levels, torch.cat([b[:, None].to(boxes), boxes], 1), torch.logit(coarse.float(), 1e-6), gts.to(dev))
+            out.update(loss_incoherent=h["loss_incoherent"], loss_refine=h["loss_refine"])
+        else:  # no GT in the batch: keep the head in the graph with zero loss
+            z = sum(p.sum() for p in self.head.parameters()) * 0.0
+            out.update(loss_incoherent=z, loss_refine=z)
+        out["loss"] = out["loss"] + cfg.w_incoherent * out["loss_incoherent"] + cfg.w_refine * out["loss_refine"]
+        return out
+
+    @torch.no_grad()
+    def predict(self, images:torch.Tensor, # [B,3,H,W]
+                image_sizes:torch.Tensor, # [B,2] (h,w) the network saw
+                orig_sizes:Optional[torch.Tensor]=None, # [B,2] (H0,W0) to paste into
+                topk:int=100) -> list: # one dict per image: boxes, labels, scores, masks [N,1,H0,W0]
+        "ISTR's top-k detections with refined (or, with `refine` off, ISTR's own decoded) masks pasted at the original size."
+        from segbook.istr import paste_masks
+        orig_sizes = image_sizes if orig_sizes is None else orig_sizes
+        image_sizes = image_sizes.to(images.device)
+        last = self.istr(images, image_sizes)["stages"][-1]
+        levels = self._seen.pop("levels")
+        scores, query, labels = topk_pairs(last["logits"], topk)
+        B, K = query.shape
+        b, q = torch.arange(B, device=query.device).repeat_interleave(K), query.flatten()
+        boxes = last["boxes"][b, q]                                            # [B*K,4] network-input pixels
+        if self.refine and B * K:  # refine each query once (a query may be in the top k with several labels)
+            Q = last["logits"].shape[1]
+            uniq, inv = torch.unique(b * Q + q, return_inverse=True)
+            ub, uq = uniq // Q, uniq % Q
+            rois = torch.cat([ub[:, None].to(boxes), clip_to_images(last["boxes"][ub, uq], image_sizes[ub])], 1)
+            masks = self.head.refine(levels, rois, query_masks(last, ub, uq, self.istr.codec))[inv]  # [B*K,112,112]
+        else:
+            masks = query_masks(last, b, q, self.istr.codec)                   # [B*K,s,s] ISTR's decoded masks
+        masks, boxes = masks.view(B, K, *masks.shape[-2:]), boxes.view(B, K, 4)
+        scale = (orig_sizes.to(boxes) / image_sizes.to(boxes)).flip(-1).repeat(1, 2)  # [B,4] (sx, sy, sx, sy)
+        boxes = boxes * scale[:, None]
+        out = []
+        for i, (H0, W0) in enumerate(orig_sizes.tolist()):  # a loop over images: per-image paste sizes
+            bx = clip_to_images(boxes[i], torch.tensor([H0, W0], device=boxes.device))
+            out.append(dict(boxes=bx, labels=labels[i], scores=scores[i], masks=paste_masks(masks[i], bx, int(H0), int(W0))))
+        return out
+
+# %% ../nbs/08_transfiner.ipynb #c535fc52
 def build_transfiner(cfg:TransfinerConfig|dict, # the YAML `model:` section
-                     with_head:bool=True, # False: plain Mask R-CNN (`model_type: maskrcnn`)
+                     with_head:bool=True, # False: the plain detector (`model_type: maskrcnn` is Mask R-CNN's)
+                     codec:Optional[nn.Module]=None, # detector='istr': mask codec (default: load model.istr.codec_path)
                     ) -> nn.Module:
     "Mask Transfiner on the configured detector (or the plain detector)."
     cfg = TransfinerConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     if cfg.detector == "maskrcnn":
         return MaskRCNNTransfiner(cfg, with_head)
     if cfg.detector == "istr":
-        raise NotImplementedError("model.detector='istr': the ISTR-based Transfiner is not built yet in this version")
+        return ISTRTransfiner(cfg, with_head, codec)
     raise ValueError(f"model.detector: expected 'maskrcnn' or 'istr', got {cfg.detector!r}")

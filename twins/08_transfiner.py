@@ -13,9 +13,9 @@
 # ---
 
 # %% [markdown]
-# # Mask Transfiner head (§3.2–3.3) on Mask R-CNN
+# # Mask Transfiner head (§3.2–3.3) on Mask R-CNN and on ISTR
 #
-# > The incoherence detector, the node encoder, the refinement transformer and quadtree propagation, trained on torchvision's Mask R-CNN; `model_type: maskrcnn` is the plain detector with our interface.
+# > The incoherence detector, the node encoder, the refinement transformer and quadtree propagation, trained on torchvision's Mask R-CNN (the paper) or on ISTR's query-based detections (this book's combination); `model_type: maskrcnn` is the plain detector with our interface.
 
 # %%
 #| default_exp transfiner
@@ -405,7 +405,7 @@ class TransfinerHead(nn.Module):
 # the positive boxes and their matching inside `forward`; two hooks read the positive boxes (input of the mask pooler)
 # and the 28² class-specific coarse logits (output of the mask predictor), and the GT of each positive is recovered as
 # its argmax-IoU box, which is what the matcher chose (IoU ≥ 0.5). `model_type: maskrcnn` is the same model without the
-# head. The ISTR-based variant (`detector: istr`) is not built yet.
+# head. The ISTR-based variant (`detector: istr`) follows in the next section.
 
 # %%
 #| export
@@ -521,15 +521,185 @@ class MaskRCNNTransfiner(nn.Module):
             out.append(dict(boxes=bx, labels=d["labels"] - 1, scores=d["scores"], masks=paste_masks(m, bx, int(H0), int(W0))))
         return out
 
+
+# %% [markdown]
+# ## On ISTR: Transfiner's refinement on a query-based detector
+#
+# Neither paper ships this combination: Mask Transfiner is built on two-stage detectors (Mask R-CNN, R-FCN), and ISTR
+# predicts each mask as an l-dimensional embedding decoded by a fixed codec. They fit together because the head needs
+# only three things from a detector: FPN levels P2–P5, a box per instance, and a coarse 28² mask inside that box.
+#
+# - **The coarse mask** of a query is its embedding r̃ decoded by the PCA codec (ISTR Eq. 3) into 28×28 probabilities
+#   inside the query's box: the same s×s crop Mask R-CNN's mask head gives, so `istr.mask_size` must equal `sizes[0]`.
+#   It is class-agnostic (ISTR has no per-class mask channel). The head's width is ISTR's `hidden`.
+# - **Which queries train the head.** ISTR's set loss (ISTR Eqs. 8–9 on every stage, each with its own Hungarian
+#   matching, Eq. 4) trains the detector as usual. The head trains on the **last stage's matched queries**, the matching
+#   the criterion has already computed (`SetCriterion(..., return_indices=True)`): their predicted boxes (detached, clipped
+#   to the image) are the RoIs, the matched GT masks cropped to those boxes give the targets (Eq. 1's incoherence labels
+#   and the node labels), and their decoded embeddings are the coarse masks. At most `max_train_rois` per batch, in batch
+#   order. Mask R-CNN refines every proposal with IoU ≥ 0.5 to a GT; here each GT has exactly one matched query.
+# - **Why no NMS.** The one-to-one matching trains one query per object, so inference keeps ISTR's top-k
+#   (query, class) pairs (`segbook.istr.postprocess`, no NMS, no threshold) and the head refines exactly those k
+#   coarse masks before they are pasted (a query in the top k with several labels is refined once: the head is
+#   class-agnostic). `refine: false` pastes the decoded masks unchanged: ISTR's own predictions
+#   (a check below compares them to `ISTR.predict`), so refined and coarse masks come from one checkpoint.
+#
+# Caveats. (1) Early in training a matched query's box can overlap its GT poorly; the head then learns the GT's part
+# inside a wrong box (Mask R-CNN never trains on such boxes). (2) The coarse masks carry the codec's reconstruction error:
+# smooth, low-frequency boundaries with a band of probabilities between 0 and 1, not Mask R-CNN's sharp logits (the
+# incoherence detector sees probabilities in both cases); the head is handed `logit(p)`, clamped at 10⁻⁶. (3) ISTR's FPN
+# was trained for the 7×7 pooling of its dynamic attention; the refine loss back-propagates into it through the node
+# features (as on Mask R-CNN), the incoherence detector reads it detached. Trained from scratch, the backbone needs real
+# normalisation (`istr.frozen_bn: false`): with frozen BN, the identity at random init, the largest P2 activation grew
+# 4000-fold in 12 steps of a tiny test run; ISTR's LayerNorms absorb that, the detector's convs do not (L_Inc diverged).
+# (4) The Mask R-CNN fields (`backbone`, `norm`, `fpn_dim`, anchors, RPN and box-head sizes) and the weights `w_detect`,
+# `w_coarse` do not apply: the ISTR set loss keeps its own λ (`SetLossConfig`) and enters the total with weight 1.
+# `model.num_classes` is the one class count (`istr.num_classes` is refused). (5) There is no published number for this model: its results compare refined with
+# coarse masks of the same run, and with ISTR and Transfiner-on-Mask-R-CNN trained on the same data.
+
+# %%
+#| export
+def istr_config(cfg:TransfinerConfig): # detector='istr'
+    "The `ISTRConfig` of `cfg.istr` with `cfg.num_classes`; checks that ISTR's mask side is the head's coarse grid."
+    from segbook.istr import ISTRConfig
+    if "num_classes" in cfg.istr:
+        raise ValueError("model.istr.num_classes: set model.num_classes instead (one class count; `segbook train` "
+                         "takes it from the data set)")
+    icfg = ISTRConfig.from_dict({**cfg.istr, "num_classes": cfg.num_classes}, source="model.istr")
+    if icfg.mask_size != cfg.sizes[0]:
+        raise ValueError(f"model.istr.mask_size={icfg.mask_size} must equal model.sizes[0]={cfg.sizes[0]}: "
+                         "ISTR's decoded mask is the coarse grid the head refines")
+    return icfg
+
+def clip_to_images(boxes:torch.Tensor, # [...,4] xyxy pixels
+                   sizes:torch.Tensor, # [...,2] (h, w) of each box's image, broadcastable
+                  ) -> torch.Tensor: # [...,4] clipped to [0,w]x[0,h]
+    "Clip xyxy boxes to their images (the clamp of `segbook.istr.postprocess`, batched)."
+    wh = sizes.flip(-1).to(boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), torch.cat([wh, wh], -1))
+
+def query_masks(stage:dict, # one ISTR stage: `mask_embed` [B,Q,l] or `mask_logits` [B,Q,s,s]
+                b:torch.Tensor, # [M] image index of each wanted mask
+                q:torch.Tensor, # [M] query index
+                codec=None, # the fixed decoder, for `mask_embed`
+               ) -> torch.Tensor: # [M,s,s] probabilities
+    "ISTR's coarse masks of chosen queries: decoded embeddings f(r̃) (ISTR Eq. 3), or the sigmoid of raw logits."
+    if "mask_embed" in stage:
+        if codec is None:
+            raise ValueError("query_masks: 'mask_embed' predictions need the codec to decode them")
+        return codec.decode(stage["mask_embed"][b, q])
+    return stage["mask_logits"][b, q].sigmoid()
+
+def topk_pairs(logits:torch.Tensor, # [B,Q,C] class logits of the last stage
+               topk:int=100) -> tuple: # (scores, query, labels), each [B,K]
+    "ISTR's inference selection (as `segbook.istr.postprocess`): top-k (query, class) pairs by sigmoid score, no NMS."
+    B, Q, C = logits.shape
+    scores, idx = torch.sigmoid(logits).flatten(1).topk(min(topk, Q * C), dim=1)
+    return scores, idx // C, idx % C
+
+
+# %% [markdown]
+# The model: `segbook.istr.build_istr` gives ISTR with its codec and set criterion; a forward hook on its backbone keeps
+# the FPN levels of the last forward for the head (the stage loop of `ISTR.forward` stays ISTR's own). Training returns
+# ISTR's loss terms (`loss_ce_s1` … per stage) plus `loss_incoherent` and `loss_refine`; `predict` is
+# `postprocess` with the refinement between top-k selection and pasting.
+
+# %%
+#| export
+class ISTRTransfiner(nn.Module):
+    "ISTR (`segbook.istr`) as the detector; with `head`, Mask Transfiner refines its decoded 28² masks (no NMS)."
+    def __init__(self, cfg:TransfinerConfig, with_head:bool=True,
+                 codec:Optional[nn.Module]=None): # mask codec; default: load `cfg.istr['codec_path']`
+        super().__init__()
+        from segbook.istr import build_istr
+        self.cfg, self.num_classes = cfg, cfg.num_classes
+        self.istr = build_istr(istr_config(cfg), codec)
+        self.head = TransfinerHead(cfg, self.istr.cfg.hidden) if with_head else None
+        self.refine = cfg.refine and with_head
+        self._seen = {}
+        self.istr.backbone.register_forward_hook(self._keep_levels)
+
+    def _keep_levels(self, module, args, out):
+        from segbook.istr import FPN_LEVELS
+        self._seen["levels"] = [out[k] for k in FPN_LEVELS]
+
+    def forward(self, images:torch.Tensor, # [B,3,H,W] normalised, padded batch
+                targets:list, # segbook.data targets
+               ) -> dict: # ISTR's loss_* terms, loss_incoherent, loss_refine and the total 'loss'
+        cfg, dev = self.cfg, images.device
+        sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)
+        stages = self.istr(images, sizes)["stages"]
+        levels = self._seen.pop("levels")
+        out, indices = self.istr.criterion(stages, targets, return_indices=True)
+        if self.head is None:
+            return out
+        matched = indices[-1]                                                  # last stage: per image (queries, GTs)
+        b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matched)]).to(dev)
+        q = torch.cat([q for q, _ in matched]).to(dev)
+        n = min(cfg.max_train_rois, len(q))
+        if n:
+            H, W = images.shape[-2:]
+            b, q = b[:n], q[:n]
+            gts = torch.cat([pad_masks(t["masks"][g.to(t["masks"].device)], H, W) for t, (_, g) in zip(targets, matched)])[:n]
+            last = stages[-1]
+            boxes = clip_to_images(last["boxes"][b, q].detach(), sizes[b])
+            coarse = query_masks(last, b, q, self.istr.codec)
+            h = self.head.loss(levels, torch.cat([b[:, None].to(boxes), boxes], 1), torch.logit(coarse.float(), 1e-6), gts.to(dev))
+            out.update(loss_incoherent=h["loss_incoherent"], loss_refine=h["loss_refine"])
+        else:  # no GT in the batch: keep the head in the graph with zero loss
+            z = sum(p.sum() for p in self.head.parameters()) * 0.0
+            out.update(loss_incoherent=z, loss_refine=z)
+        out["loss"] = out["loss"] + cfg.w_incoherent * out["loss_incoherent"] + cfg.w_refine * out["loss_refine"]
+        return out
+
+    @torch.no_grad()
+    def predict(self, images:torch.Tensor, # [B,3,H,W]
+                image_sizes:torch.Tensor, # [B,2] (h,w) the network saw
+                orig_sizes:Optional[torch.Tensor]=None, # [B,2] (H0,W0) to paste into
+                topk:int=100) -> list: # one dict per image: boxes, labels, scores, masks [N,1,H0,W0]
+        "ISTR's top-k detections with refined (or, with `refine` off, ISTR's own decoded) masks pasted at the original size."
+        from segbook.istr import paste_masks
+        orig_sizes = image_sizes if orig_sizes is None else orig_sizes
+        image_sizes = image_sizes.to(images.device)
+        last = self.istr(images, image_sizes)["stages"][-1]
+        levels = self._seen.pop("levels")
+        scores, query, labels = topk_pairs(last["logits"], topk)
+        B, K = query.shape
+        b, q = torch.arange(B, device=query.device).repeat_interleave(K), query.flatten()
+        boxes = last["boxes"][b, q]                                            # [B*K,4] network-input pixels
+        if self.refine and B * K:  # refine each query once (a query may be in the top k with several labels)
+            Q = last["logits"].shape[1]
+            uniq, inv = torch.unique(b * Q + q, return_inverse=True)
+            ub, uq = uniq // Q, uniq % Q
+            rois = torch.cat([ub[:, None].to(boxes), clip_to_images(last["boxes"][ub, uq], image_sizes[ub])], 1)
+            masks = self.head.refine(levels, rois, query_masks(last, ub, uq, self.istr.codec))[inv]  # [B*K,112,112]
+        else:
+            masks = query_masks(last, b, q, self.istr.codec)                   # [B*K,s,s] ISTR's decoded masks
+        masks, boxes = masks.view(B, K, *masks.shape[-2:]), boxes.view(B, K, 4)
+        scale = (orig_sizes.to(boxes) / image_sizes.to(boxes)).flip(-1).repeat(1, 2)  # [B,4] (sx, sy, sx, sy)
+        boxes = boxes * scale[:, None]
+        out = []
+        for i, (H0, W0) in enumerate(orig_sizes.tolist()):  # a loop over images: per-image paste sizes
+            bx = clip_to_images(boxes[i], torch.tensor([H0, W0], device=boxes.device))
+            out.append(dict(boxes=bx, labels=labels[i], scores=scores[i], masks=paste_masks(masks[i], bx, int(H0), int(W0))))
+        return out
+
+
+# %% [markdown]
+# `build_transfiner` picks the detector by `model.detector`; `segbook train` calls it for `model_type: transfiner`.
+
+# %%
+#| export
 def build_transfiner(cfg:TransfinerConfig|dict, # the YAML `model:` section
-                     with_head:bool=True, # False: plain Mask R-CNN (`model_type: maskrcnn`)
+                     with_head:bool=True, # False: the plain detector (`model_type: maskrcnn` is Mask R-CNN's)
+                     codec:Optional[nn.Module]=None, # detector='istr': mask codec (default: load model.istr.codec_path)
                     ) -> nn.Module:
     "Mask Transfiner on the configured detector (or the plain detector)."
     cfg = TransfinerConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     if cfg.detector == "maskrcnn":
         return MaskRCNNTransfiner(cfg, with_head)
     if cfg.detector == "istr":
-        raise NotImplementedError("model.detector='istr': the ISTR-based Transfiner is not built yet in this version")
+        return ISTRTransfiner(cfg, with_head, codec)
     raise ValueError(f"model.detector: expected 'maskrcnn' or 'istr', got {cfg.detector!r}")
 
 
@@ -609,3 +779,47 @@ for a, (img, title) in zip(ax, panels):
     a.imshow(img, cmap="gray", vmin=0, vmax=1); a.set_title(title); a.axis("off")
 fig.suptitle("Mask Transfiner on a toy disc: coarse → incoherent quadtree nodes → refined")
 save_figure(fig, "transfiner_refinement.png")
+
+# %% [markdown]
+# ### Transfiner on ISTR, tiny
+#
+# A tiny ISTR (ResNet-18, d = 16, 8 queries, 2 stages, l = 8 PCA codec fitted on the toy discs' 28² crops) with a tiny
+# head. The box-delta layers start at zero, so every query box is the whole image and the matched queries' RoIs contain
+# their disc: one training step has every loss term. At inference, ISTR's top-5 pairs per image; with `refine` off the
+# pasted masks are exactly `ISTR.predict`'s, with it on they are the 112² refinements of the same boxes.
+
+# %%
+from segbook.embeddings import MaskMoments, PCACodec
+torch.manual_seed(0)
+dmasks, drois, _ = disc_scene(2, size=64, seed=3)
+codec = PCACodec.from_moments(MaskMoments(28).update(crop_masks(dmasks, drois[:, 1:], 28)), dim=8)
+istr_tiny = dict(backbone="resnet18", frozen_bn=False, trainable_layers=5, num_queries=8, num_stages=2, hidden=16,
+                 heads=2, dim_dynamic=4, ffn=32, mask_head="embedding", mask_dim=8, mask_size=28)
+tfi = build_transfiner(dict(detector="istr", num_classes=3, istr=istr_tiny, detector_dim=16, d_model=32, heads=2, layers=1,
+                            ffn=64, dropout=0.0, nodes_per_level=16, max_nodes_per_roi=256, inc_threshold=[0.0, 0.0, 0.0]),
+                       codec=codec)
+for st in tfi.istr.stages:
+    nn.init.zeros_(st.box_deltas.weight); nn.init.zeros_(st.box_deltas.bias)
+dimages = torch.stack([m.float().expand(3, -1, -1) * 2 - 1 for m in dmasks])
+dtargets = [{"boxes": drois[i:i + 1, 1:], "labels": torch.tensor([i]), "masks": dmasks[i:i + 1], "size": torch.tensor([64, 64])}
+            for i in range(2)]
+tl = tfi(dimages, dtargets)
+tl["loss"].backward()
+print({k: round(float(v.detach()), 3) for k, v in tl.items() if not k.endswith("_s1")})
+tfi.eval()
+sizes, orig = torch.tensor([[64, 64], [64, 64]]), torch.tensor([[128, 128], [64, 64]])
+refined_dets = tfi.predict(dimages, sizes, orig, topk=5)
+tfi.refine = False
+coarse_dets = tfi.predict(dimages, sizes, orig, topk=5)
+istr_dets = tfi.istr.predict(dimages, sizes, orig, topk=5)
+tfi.refine = True
+print([{k: tuple(v.shape) for k, v in d.items()} for d in refined_dets])
+
+# %%
+assert {"loss_incoherent", "loss_refine", "loss_ce_s2", "loss_dice_s2"} <= set(tl) and float(tl["loss_refine"]) > 0
+assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tfi.head.transformer.encoder.parameters())
+assert tfi.istr.backbone.body.conv1.weight.grad.abs().sum() > 0
+for r, c, i in zip(refined_dets, coarse_dets, istr_dets):
+    assert all(torch.equal(c[k], i[k]) for k in i)                       # refine=false: ISTR's own predictions
+    assert all(torch.equal(r[k], i[k]) for k in ("boxes", "labels", "scores")) and not torch.equal(r["masks"], i["masks"])
+assert refined_dets[0]["masks"].shape == (5, 1, 128, 128)

@@ -27,9 +27,10 @@
 # 1. `load_config` (chapter 10) reads the YAML and the `key=value` overrides;
 # 2. `CocoInstances` + `build_transforms` (chapter 1) give the data; the number of classes comes from
 #    the data set, not the config, so a config works on shapes and on your own data alike;
-# 3. for ISTR with mask embeddings, the PCA codec of Eq. 3 (chapter 2) is fitted on the training
-#    split's masks unless `model.codec_path` names one — the official code ships it as a separate file
-#    hard-wired to COCO (method-details §1), which is why custom data sets needed hand-work there;
+# 3. for ISTR with mask embeddings (alone, or as Transfiner's detector: `model.istr`), the PCA codec of
+#    Eq. 3 (chapter 2) is fitted on the training split's masks unless `codec_path` names one — the
+#    official code ships it as a separate file hard-wired to COCO (method-details §1), which is why
+#    custom data sets needed hand-work there;
 # 4. `build_istr` (chapter 5) attaches the codec and the set criterion (chapter 3);
 # 5. `engine.train` (chapter 10) runs the loop, with periodic COCO evaluation (chapter 9).
 
@@ -75,19 +76,34 @@ def eval_dataset(cfg:TrainConfig, split:str|None=None) -> CocoInstances:
 
 # %%
 #| export
+def istr_settings(cfg:TrainConfig) -> dict|None:
+    "The ISTR model settings of a config: `model` (model_type istr), `model.istr` (Transfiner on ISTR), else None."
+    if cfg.model_type == "istr":
+        return cfg.model
+    if cfg.model_type == "transfiner" and cfg.model.get("detector") == "istr":
+        return cfg.model.get("istr", {})
+    return None
+
+def with_codec_path(cfg:TrainConfig, path) -> TrainConfig:
+    "`cfg` with the ISTR settings' `codec_path` set to `path`."
+    p = str(path)
+    if cfg.model_type == "istr":
+        return replace(cfg, model={**cfg.model, "codec_path": p})
+    return replace(cfg, model={**cfg.model, "istr": {**cfg.model.get("istr", {}), "codec_path": p}})
+
 def ensure_codec(cfg:TrainConfig, out_dir, # run folder: the fitted codec is written to out_dir/codec.pt
                  progress:bool=True) -> TrainConfig:
-    "For ISTR with mask embeddings and no `model.codec_path`: fit the PCA codec (Eq. 3) on the training split."
-    m = cfg.model
-    if cfg.model_type != "istr" or m.get("mask_head", "embedding") != "embedding" or m.get("codec_path"):
+    "For ISTR (alone or under Transfiner) with mask embeddings and no `codec_path`: fit the PCA codec (Eq. 3) on the training split."
+    m = istr_settings(cfg)
+    if m is None or m.get("mask_head", "embedding") != "embedding" or m.get("codec_path"):
         return cfg
     from segbook.embeddings import pca_fit_command
     path = Path(out_dir) / "codec.pt"
     if not path.exists():
         info = pca_fit_command(cfg.data.root, cfg.data.train_split, dim=m.get("mask_dim", 60), size=m.get("mask_size", 28),
-                               out=path)  # the paper's codec: no mean, no whitening, binary domain
+                               out=path, progress=progress)  # the paper's codec: no mean, no whitening, binary domain
         print(json.dumps({"codec": str(path), **{k: info[k] for k in info if k in ("masks", "energy", "miou")}}))
-    return replace(cfg, model={**m, "codec_path": str(path.resolve())})
+    return with_codec_path(cfg, path.resolve())
 
 def with_dataset_classes(cfg:TrainConfig, ds:CocoInstances) -> TrainConfig:
     "Set `model.num_classes` from the data set (warn when the config said otherwise)."
@@ -179,8 +195,8 @@ def train_command(config, # YAML file
     ds = train_dataset(cfg)
     cfg = with_dataset_classes(cfg, ds)
     if info.is_main: cfg = ensure_codec(cfg, out, progress)
-    elif cfg.model_type == "istr" and not cfg.model.get("codec_path"):
-        cfg = replace(cfg, model={**cfg.model, "codec_path": str((out / "codec.pt").resolve())})
+    elif istr_settings(cfg) is not None and not istr_settings(cfg).get("codec_path"):
+        cfg = with_codec_path(cfg, (out / "codec.pt").resolve())
     if info.world_size > 1: torch.distributed.barrier()
     seed_everything(cfg.seed)  # the same initial weights however long the codec fit took
     model = build_model(cfg)
@@ -202,9 +218,9 @@ def load_trained(checkpoint, # a last.pt written by `segbook train`
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run / 'config.yaml'}: missing — a checkpoint is read together with the config of its run")
     cfg = load_config(run / "config.yaml", list(overrides))
-    cp = cfg.model.get("codec_path")
+    cp = (istr_settings(cfg) or {}).get("codec_path")
     if cp and not Path(cp).exists() and (run / "codec.pt").exists():  # run folder moved: use its own codec
-        cfg = replace(cfg, model={**cfg.model, "codec_path": str(run / "codec.pt")})
+        cfg = with_codec_path(cfg, run / "codec.pt")
     model = build_model(cfg)
     ck = load_checkpoint(ck_path)
     model.load_state_dict(ck["model"])
