@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stand_ins import one_thread  # noqa: F401
 from segbook.istr import (ISTR, ISTRConfig, build_istr, build_resnet_fpn, load_istr_config, multilevel_roi_align,
                           paste_masks, postprocess)
 
@@ -15,13 +16,7 @@ TINY = dict(backbone="resnet18", num_classes=3, num_queries=10, num_stages=2, hi
             ffn=64, mask_head="raw", mask_size=14)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "The test machine is small and shared: one torch thread avoids oversubscription (seconds -> tenths)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

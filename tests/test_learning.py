@@ -3,19 +3,14 @@ shapes images to a high COCO mask AP. A model that does not learn fails here; th
 import json
 
 import pytest
-import torch
 import yaml
 
 from segbook.pipeline import eval_command, train_command
 from segbook.shapes import write_shapes_dataset
+from stand_ins import one_thread  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_istr_config(root, iters:int) -> dict:
