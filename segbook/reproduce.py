@@ -29,8 +29,7 @@ from .data import find_coco_mini
 
 # %% ../nbs/12_reproduce.ipynb #9007a75d
 EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
-               "istr_ablations", "istr_stages"]
-# Planned, with profile settings below, not yet written as notebooks (issue 8): "compare_maskrcnn", "transfiner_tables".
+               "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables"]
 
 _SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
 PROFILES = {
