@@ -408,6 +408,12 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
                                       "world_size": info.world_size, "seed": cfg.seed},
                              "config": config_to_dict(cfg)}, last)
     bar.close()
+    if start >= sol.max_iters and evaluate_fn is not None and info.is_main:
+        # resumed a finished run: nothing to train, but a caller still gets the final evaluation it asked for
+        # (without it an interrupted experiment that is re-run reports no numbers for the runs it had finished)
+        net = unwrap(model); net.eval()
+        with torch.no_grad(): eval_record = {"iter": start, "eval": evaluate_fn(net)}
+        net.train()  # (not logged again: metrics.jsonl already holds the run's final evaluation)
     if log_file: log_file.close()
     if writer: writer.close()
     return {"iteration": max(start, sol.max_iters), "checkpoint": str(last), "metrics": record, "eval": eval_record}

@@ -7,7 +7,7 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
-           'reproduce_command', 'experiment_context', 'write_table', 'train_istr_variant']
+           'merge_profile_results', 'reproduce_command', 'experiment_context', 'write_table', 'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import json
@@ -135,6 +135,19 @@ def run_notebook(notebook, # input .ipynb with a `parameters`-tagged cell
     return rec
 
 # %% ../nbs/12_reproduce.ipynb #28d0728f
+def merge_profile_results(path, # figures/results_<profile>.json: every notebook's latest run of one profile
+                          result:dict, # the reproduce run just finished
+                         ) -> dict:
+    "One file per profile that `--only` chunks add to: a notebook's entry is replaced by its newer run, others kept."
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged = {k: v for k, v in result.items() if k not in ("notebooks", "failed")}
+    merged["notebooks"] = {**old.get("notebooks", {}), **result["notebooks"]}
+    merged["failed"] = sorted(n for n, r in merged["notebooks"].items() if r["status"] != "ok")
+    merged["command"] = "; ".join(dict.fromkeys(r["run"]["command"] for r in merged["notebooks"].values() if "run" in r))
+    return merged
+
+#| export
 def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
                       out:str, # run folder: notebooks/, runs/, figures/, data/, results.json
                       only:list|None=None, # experiment names to run (default: all of EXPERIMENTS)
@@ -189,6 +202,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
             try: rec["results"] = json.loads(res_file.read_text())
             except json.JSONDecodeError as e: rec["results_error"] = f"{res_file}: {e}"
         rec["parameters"] = params
+        rec["run"] = {k: stamp[k] for k in ("started", "git", "device", "command")}  # per notebook: chunks get merged
         entries[name] = rec
         msg = f"[reproduce] {name}: {rec['status']} in {rec['seconds']:.1f} s"
         if rec["status"] != "ok": msg += f" — {rec['error']} in cell {rec['cell']}: {rec['message'][:300]}"
@@ -203,6 +217,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(fig_out, dest, dirs_exist_ok=True)
         write_json_atomic(result, dest / "results.json")
+        write_json_atomic(merge_profile_results(dest / f"results_{profile}.json", result), dest / f"results_{profile}.json")
         result["figures"] = str(dest)
     if progress: print(f"[reproduce] {len(names) - len(failed)}/{len(names)} ok, {result['wall_seconds']} s; failed: {failed or 'none'}", flush=True)
     return result

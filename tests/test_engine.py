@@ -239,6 +239,16 @@ def test_resume_after_stop_is_exact(tmp_path):
     assert metrics(tmp_path / "full") == metrics(tmp_path / "part")
 
 
+def test_resuming_a_finished_run_still_returns_its_evaluation(tmp_path):
+    "An experiment re-run after an interruption resumes its finished runs: they must still report their numbers."
+    evaluate = lambda m: {"w_sum": float(sum(p.sum() for p in m.parameters()))}
+    _, first = toy_run(tmp_path, toy_cfg(10), evaluate_fn=evaluate)
+    log = (tmp_path / "metrics.jsonl").read_text()
+    _, again = toy_run(tmp_path, toy_cfg(10), resume=True, evaluate_fn=evaluate)
+    assert first["eval"] is not None and again["eval"] == first["eval"]
+    assert (tmp_path / "metrics.jsonl").read_text() == log  # the finished run's log is not appended to
+
+
 def test_resume_with_changed_solver_warns(tmp_path):
     toy_run(tmp_path, toy_cfg(10))
     cfg = toy_cfg(12); cfg.solver.lr = 5e-3
