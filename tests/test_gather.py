@@ -45,6 +45,23 @@ def test_equals_dense_roi_align(S, aligned):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_one_grid_side_per_node_equals_one_call_per_side():
+    "Nodes of a quadtree live on 28/56/112 grids at once: a per-node side must equal separate calls per side."
+    g, feats, boxes = _case(3)
+    M, scales = 300, [1 / 4, 1 / 8]
+    side = torch.tensor([7, 14, 28])[torch.randint(0, 3, (M,), generator=g)]
+    yx = (torch.rand(M, 2, generator=g) * side[:, None]).long()
+    roi, lvl = torch.randint(0, len(boxes), (M,), generator=g), torch.randint(0, 2, (M,), generator=g)
+    out = gather_points(feats, boxes, side, yx, roi, scales, node_level=lvl, backend="torch")
+    for s in (7, 14, 28):
+        on = side == s
+        ref = gather_points(feats, boxes, s, yx[on], roi[on], scales, node_level=lvl[on], backend="torch")
+        torch.testing.assert_close(out[on], ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out[on], _dense_ref(feats, scales, boxes, s, yx[on], roi[on], lvl[on]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grid_size"):
+        gather_points(feats, boxes, side[:-1], yx, roi, scales, node_level=lvl)
+
+
 def test_outside_box_gives_zero_and_empty_nodes():
     _, feats, boxes = _case()
     out = gather_points(feats[0], boxes, 4, torch.zeros(1, 2, dtype=torch.long), torch.tensor([5]), 1 / 4)
@@ -103,6 +120,11 @@ _TRITON_SCRIPT = textwrap.dedent("""
         t = gather_points(feats[0], boxes, 7, yx % 7, roi, 0.25, aligned=aligned, backend="triton")
         r = roi_align(feats[0], boxes, (7, 7), 0.25, 1, aligned)[roi, :, yx[:, 0] % 7, yx[:, 1] % 7]
         torch.testing.assert_close(t, r, atol=1e-5, rtol=1e-5)
+    side = torch.tensor([7, 14, 28])[torch.randint(0, 3, (M,), generator=g)]       # one grid side per node
+    yxs = yx % side[:, None]
+    t = gather_points(feats, boxes, side, yxs, roi, [0.25, 0.125], node_level=lvl, backend="triton")
+    r = gather_points(feats, boxes, side, yxs, roi, [0.25, 0.125], node_level=lvl, backend="torch")
+    torch.testing.assert_close(t, r, atol=1e-5, rtol=1e-5)
     print("TRITON-INTERPRET-OK")
 """)
 

@@ -312,3 +312,54 @@ def test_istr_shapes_config_is_consistent():
     icfg = istr_config(tc)
     assert cfg.model_type == "transfiner" and tc.detector == "istr" and icfg.mask_size == tc.sizes[0]
     assert not icfg.frozen_bn  # from scratch: real BatchNorm (frozen BN let the FPN activations blow up the head)
+
+
+def test_node_encoder_features_equal_dense_roi_align():
+    "One gather for nodes of all grids at once: each token's centre and 3x3 context equal dense RoIAlign of its grid."
+    from torchvision.ops import roi_align
+    from segbook.quadtree import roi_pyramid_levels
+    from segbook.transfiner import NEIGHBOURS, NodeEncoder, fpn_strides
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(3)
+    enc = NodeEncoder(8, 16, feature=True, coarse=False, pos=False, context=True)
+    seen = {}
+    enc.proj.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+    nodes = sample_nodes(build_quadtree(incoherent_pyramid(masks, rois[:, 1:], SIZES)), 20)
+    fpn = roi_pyramid_levels(rois[:, 1:], 3)
+    enc(levels, rois, fpn, nodes, torch.rand(3, 28, 28), SIZES)
+    x = seen["x"].view(*nodes.valid.shape, 9, 8)                                   # [R,K,9 neighbours,C]
+    for l, s in enumerate(SIZES):
+        dense = torch.stack([roi_align(levels[int(fpn[r, l]) - 2], rois[r:r + 1], (s, s), fpn_strides(levels)[int(fpn[r, l]) - 2],
+                                       1, True)[0] for r in range(3)])            # [R,C,s,s]
+        on = nodes.valid & (nodes.level == l)
+        r_idx, k_idx = on.nonzero(as_tuple=True)
+        for j, (dy, dx) in enumerate(NEIGHBOURS.tolist()):
+            yx = (nodes.yx[r_idx, k_idx] + torch.tensor([dy, dx])).clamp(0, s - 1)
+            ref = dense[r_idx, :, yx[:, 0], yx[:, 1]]
+            torch.testing.assert_close(x[r_idx, k_idx, j], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("detector", ["maskrcnn", "istr"])
+def test_refine_topk_refines_only_the_best_detections(detector):
+    "refine_topk=k (the code's test LIMIT): the first k detections of each image are refined, the rest are coarse resized."
+    torch.manual_seed(0)
+    if detector == "maskrcnn":
+        model = build_transfiner({**MASKRCNN_TINY, "inc_threshold": [0.0, 0.0, 0.0], "box_score_thresh": 0.0})
+        images, sizes = torch.randn(2, 3, 64, 64), torch.tensor([[64, 64], [64, 64]])
+    else:
+        model = whole_image_boxes(build_transfiner({**ISTR_HEAD, "inc_threshold": [0.0, 0.0, 0.0]}, codec=disc_codec()))
+        images, _ = disc_batch(); sizes = torch.tensor([[64, 64]] * 2)
+    model.eval()
+    full = model.predict(images, sizes, topk=5)
+    model.cfg.refine_topk = 2
+    some = model.predict(images, sizes, topk=5)
+    model.cfg.refine_topk = 0
+    none = model.predict(images, sizes, topk=5)
+    for f, s, n in zip(full, some, none):
+        assert len(f["scores"]) >= 3, "the tiny model must give more detections than refine_topk for this test"
+        assert all(torch.equal(f[k], s[k]) and torch.equal(f[k], n[k]) for k in ("boxes", "labels", "scores"))
+        if detector == "maskrcnn":  # (ISTR: a query may repeat with another label, so ranks > k can share a refined mask)
+            assert torch.equal(s["masks"][:2], f["masks"][:2]) and torch.equal(s["masks"][2:], n["masks"][2:])
+        else:
+            assert torch.equal(s["masks"][:2], f["masks"][:2])
+        assert not torch.equal(n["masks"], f["masks"])

@@ -55,7 +55,7 @@ except Exception:  # pragma: no cover - triton is bundled with CUDA builds of to
 
 # %%
 #| export
-def _corners(boxes, node_yx, node_roi, grid_size:int, spatial_scale:float, aligned:bool, H:int, W:int):
+def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:bool, H:int, W:int):
     "Batch index [M], flat corner indices [M,4] into H*W and bilinear weights [M,4] (zero outside the map)."
     roi = boxes[node_roi]                                                     # [M,5]
     off = 0.5 if aligned else 0.0
@@ -63,6 +63,7 @@ def _corners(boxes, node_yx, node_roi, grid_size:int, spatial_scale:float, align
     rw, rh = roi[:, 3] * spatial_scale - off - x1, roi[:, 4] * spatial_scale - off - y1
     if not aligned:
         rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    if torch.is_tensor(grid_size): grid_size = grid_size.to(roi.dtype)       # [M] a grid side per node
     x = x1 + (node_yx[:, 1].to(roi.dtype) + 0.5) * (rw / grid_size)
     y = y1 + (node_yx[:, 0].to(roi.dtype) + 0.5) * (rh / grid_size)
     inside = (y >= -1.0) & (y <= H) & (x >= -1.0) & (x <= W)
@@ -111,10 +112,11 @@ def _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size
 #| export
 if HAS_TRITON:
     @triton.jit
-    def _gather_points_kernel(feat_ptr, boxes_ptr, yx_ptr, roi_ptr, lvl_ptr, out_ptr,
+    def _gather_points_kernel(feat_ptr, boxes_ptr, yx_ptr, roi_ptr, lvl_ptr, gs_ptr, out_ptr,
                               M, C, H, W, level, stride_b, stride_c, stride_h, stride_w,
                               grid_size, spatial_scale, offset,
-                              ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                              ALIGNED: tl.constexpr, PER_NODE_GRID: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_m, pid_c = tl.program_id(0), tl.program_id(1)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -130,8 +132,12 @@ if HAS_TRITON:
         rh = tl.load(boxes_ptr + 5 * roi + 4, mask=on, other=0.0) * spatial_scale - offset - y1
         if not ALIGNED:
             rw, rh = tl.maximum(rw, 1.0), tl.maximum(rh, 1.0)
-        x = x1 + (nx + 0.5) * (rw / grid_size)
-        y = y1 + (ny + 0.5) * (rh / grid_size)
+        if PER_NODE_GRID:
+            gs = tl.load(gs_ptr + m, mask=on, other=1).to(tl.float32)
+        else:
+            gs = grid_size * 1.0
+        x = x1 + (nx + 0.5) * (rw / gs)
+        y = y1 + (ny + 0.5) * (rh / gs)
         inside = on & (y >= -1.0) & (y <= H) & (x >= -1.0) & (x <= W)
         y, x = tl.maximum(y, 0.0), tl.maximum(x, 0.0)
         y0, x0 = tl.floor(y), tl.floor(x)
@@ -166,13 +172,16 @@ class _GatherPointsTriton(torch.autograd.Function):
         out = features[0].new_zeros(M, C)
         bx = boxes.float().contiguous()
         yx, roi, lvl = node_yx.long().contiguous(), node_roi.long().contiguous(), node_level.long().contiguous()
+        per_node = torch.is_tensor(grid_size)
+        gs = grid_size.long().contiguous() if per_node else lvl  # (unread when one side for all)
         BLOCK_M, BLOCK_C = 32, min(128, triton.next_power_of_2(C))
         grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
         if M:
             for l, (f, sc) in enumerate(zip(features, scales)):
-                _gather_points_kernel[grid](f, bx, yx, roi, lvl, out, M, C, f.shape[2], f.shape[3], l,
-                                            *f.stride(), grid_size, float(sc), 0.5 if aligned else 0.0,
-                                            ALIGNED=aligned, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                _gather_points_kernel[grid](f, bx, yx, roi, lvl, gs, out, M, C, f.shape[2], f.shape[3], l,
+                                            *f.stride(), 1 if per_node else int(grid_size), float(sc),
+                                            0.5 if aligned else 0.0, ALIGNED=aligned, PER_NODE_GRID=per_node,
+                                            BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(boxes, node_yx, node_roi, node_level)
         ctx.meta = (grid_size, scales, aligned, [f.shape for f in features], features[0].dtype)
         return out
@@ -197,7 +206,7 @@ class _GatherPointsTriton(torch.autograd.Function):
 #| export
 def gather_points(features:Union[torch.Tensor, Sequence[torch.Tensor]], # [B,C,H,W] one FPN level, or a list of levels
                   boxes:torch.Tensor, # [R,5] (batch_idx, x1, y1, x2, y2) in input pixels
-                  grid_size:int, # side s of the RoI grid the nodes live on (28, 56, 112)
+                  grid_size:Union[int, torch.Tensor], # side s of the RoI grid the nodes live on (28, 56, 112), or [M] one per node
                   node_yx:torch.Tensor, # [M,2] int cell (y, x) in the s*s grid
                   node_roi:torch.Tensor, # [M] int index into boxes
                   spatial_scale:Union[float, Sequence[float]], # feature stride^-1 (per level for a list)
@@ -212,6 +221,8 @@ def gather_points(features:Union[torch.Tensor, Sequence[torch.Tensor]], # [B,C,H
         raise ValueError(f"spatial_scale: {len(scales)} values for {len(feats)} feature levels")
     if boxes.ndim != 2 or boxes.shape[1] != 5:
         raise ValueError(f"boxes: expected [R,5] (batch_idx, x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    if torch.is_tensor(grid_size) and grid_size.shape != node_roi.shape:
+        raise ValueError(f"grid_size: one side per node expected, shape {tuple(node_roi.shape)}, got {tuple(grid_size.shape)}")
     if node_level is None:
         if len(feats) > 1:
             raise ValueError("node_level: required when features is a list of levels")

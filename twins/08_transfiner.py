@@ -91,6 +91,7 @@ class TransfinerConfig:
     max_train_rois: int = 30          # positives refined per batch in training (code LIMIT=30: a memory budget)
     max_nodes_per_roi: Optional[int] = 1024   # inference caps (select_nodes), a memory budget: attention is K² per RoI;
     max_nodes_total: Optional[int] = 65536    #   None = all detected nodes (paper; up to 16464 per RoI at 28/56/112)
+    refine_topk: Optional[int] = None # detections refined per image at test, best first; None = all (paper); code: 10
     # refinement transformer (§3.3)
     node_feature: bool = True         # Table 4 switches: fine-grained FPN feature at the node
     node_coarse: bool = True          #   coarse mask probability at the node
@@ -272,13 +273,9 @@ class NodeEncoder(nn.Module):
             lvl = fpn_levels.gather(1, nodes.level) - 2                              # [R,K] index into P2..P5
             n = offs.shape[0]
             roi = nodes.roi[:, :, None].expand(R, K, n)
-            feats = []
-            for l, s in enumerate(sizes):  # one gather per grid side (levels of the RoI pyramid)
-                f = gather_points(levels, rois, s, yx.reshape(-1, 2), roi.reshape(-1), fpn_strides(levels),
-                                  lvl[:, :, None].expand(R, K, n).reshape(-1))
-                feats.append(f.view(R, K, n, -1))
-            on = [(nodes.level == l)[..., None, None] for l in range(len(sizes))]
-            f = sum(torch.where(o, x, torch.zeros_like(x)) for o, x in zip(on, feats))  # [R,K,n,C]
+            f = gather_points(levels, rois, size[:, :, None].expand(R, K, n).reshape(-1),  # one gather: each node
+                              yx.reshape(-1, 2), roi.reshape(-1), fpn_strides(levels),  # on its own grid side
+                              lvl[:, :, None].expand(R, K, n).reshape(-1)).view(R, K, n, -1)  # [R,K,n,C]
             if self.context and not self.feature:
                 f = torch.cat([f[:, :, :4], f[:, :, 5:]], 2)
             parts.append(f.flatten(2))
@@ -392,9 +389,27 @@ class TransfinerHead(nn.Module):
         inc = [x.sigmoid() for x in self.detector(feats, coarse_probs)]
         node_masks = build_quadtree([p >= t for p, t in zip(inc, cfg.inc_threshold)])
         nodes = select_nodes(node_masks, inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
+        if not rois.is_cuda and cfg.max_nodes_per_roi is not None:  # a cap pads every RoI to it: on the CPU one sync
+            k = max(1, int(nodes.valid.sum(1).max()))                   # to drop the padding saves the transformer
+            nodes = nodes._replace(**{f: getattr(nodes, f)[:, :k] for f in ("roi", "level", "yx", "valid", "score")})
         values = self.node_logits(levels, rois, fpn, nodes, coarse_probs).sigmoid()
         fine = propagate(coarse_probs, nodes, values, self.sizes, cfg.propagation)
         return (fine, nodes, node_masks) if return_nodes else fine
+
+    @torch.no_grad()
+    def refine_some(self, levels:list, rois:torch.Tensor, # [R,5]
+                    coarse_probs:torch.Tensor, # [R,s0,s0]
+                    keep:Optional[torch.Tensor]=None, # [R] bool RoIs to refine; None = all
+                   ) -> torch.Tensor: # [R,s_last,s_last] probabilities
+        "Refine the RoIs in `keep`; the others keep their coarse mask, bilinearly resized (the code beyond its top 10)."
+        if keep is None:
+            return self.refine(levels, rois, coarse_probs)
+        S = self.sizes[-1]
+        out = F.interpolate(coarse_probs[:, None].float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+        idx = keep.nonzero()[:, 0]  # a host sync: which detections rank in their image's top k is data-dependent
+        if len(idx):
+            out[idx] = self.refine(levels, rois[idx], coarse_probs[idx]).to(out.dtype)
+        return out
 
 
 # %% [markdown]
@@ -511,7 +526,9 @@ class MaskRCNNTransfiner(nn.Module):
         if self.refine and sum(counts):
             levels = [feats[k] for k in ("p2", "p3", "p4", "p5")]
             rois = torch.cat([torch.cat([torch.full_like(d["boxes"][:, :1], b), d["boxes"]], 1) for b, d in enumerate(dets)])
-            masks = self.head.refine(levels, rois, coarse)
+            k = self.cfg.refine_topk
+            rank = torch.cat([torch.arange(c, device=rois.device) for c in counts])  # detections come best first
+            masks = self.head.refine_some(levels, rois, coarse, None if k is None else rank < k)
         else:
             masks = coarse
         out = []
@@ -672,7 +689,10 @@ class ISTRTransfiner(nn.Module):
             uniq, inv = torch.unique(b * Q + q, return_inverse=True)
             ub, uq = uniq // Q, uniq % Q
             rois = torch.cat([ub[:, None].to(boxes), clip_to_images(last["boxes"][ub, uq], image_sizes[ub])], 1)
-            masks = self.head.refine(levels, rois, query_masks(last, ub, uq, self.istr.codec))[inv]  # [B*K,112,112]
+            k = self.cfg.refine_topk
+            keep = None if k is None else torch.zeros(len(uniq), dtype=torch.long, device=rois.device).index_add_(
+                0, inv, (torch.arange(K, device=rois.device).repeat(B) < k).long()) > 0      # in its image's top k
+            masks = self.head.refine_some(levels, rois, query_masks(last, ub, uq, self.istr.codec), keep)[inv]
         else:
             masks = query_masks(last, b, q, self.istr.codec)                   # [B*K,s,s] ISTR's decoded masks
         masks, boxes = masks.view(B, K, *masks.shape[-2:]), boxes.view(B, K, 4)
