@@ -247,6 +247,10 @@ def test_resuming_a_finished_run_still_returns_its_evaluation(tmp_path):
     _, again = toy_run(tmp_path, toy_cfg(10), resume=True, evaluate_fn=evaluate)
     assert first["eval"] is not None and again["eval"] == first["eval"]
     assert (tmp_path / "metrics.jsonl").read_text() == log  # the finished run's log is not appended to
+    lines = log.splitlines()                                # killed during its final evaluation: the checkpoint
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # is saved first, the eval line missing
+    _, third = toy_run(tmp_path, toy_cfg(10), resume=True, evaluate_fn=evaluate)
+    assert third["eval"] == first["eval"] and (tmp_path / "metrics.jsonl").read_text() == log
 
 
 def test_resume_with_changed_solver_warns(tmp_path):

@@ -363,3 +363,21 @@ def test_refine_topk_refines_only_the_best_detections(detector):
         else:
             assert torch.equal(s["masks"][:2], f["masks"][:2])
         assert not torch.equal(n["masks"], f["masks"])
+
+
+def test_weights_start_a_transfiner_from_a_trained_detector(tmp_path):
+    "config `weights:` (segbook.pipeline.load_weights): the detector's tensors load, the new head keeps its init and is listed."
+    from segbook.pipeline import load_weights
+    torch.manual_seed(0)
+    detector = build_transfiner(MASKRCNN_TINY, with_head=False)
+    torch.save({"model": detector.state_dict(), "iteration": 7}, tmp_path / "last.pt")
+    torch.manual_seed(1)
+    model = build_transfiner(MASKRCNN_TINY)
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("head.")}
+    rep = load_weights(model, tmp_path / "last.pt", verbose=False)
+    assert rep["loaded"] == len(detector.state_dict()) and not rep["unexpected"] and not rep["mismatched"]
+    assert set(rep["missing"]) == set(head_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in detector.state_dict().items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in head_before.items())
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_weights(torch.nn.Linear(2, 2), tmp_path / "last.pt", verbose=False)

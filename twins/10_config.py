@@ -101,6 +101,7 @@ class TrainConfig:
     checkpoint_period: int = 5000  # iterations between checkpoints (always one at the end)
     log_period: int = 20  # iterations between lines of metrics.jsonl
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda'
+    weights: typing.Optional[str] = None  # checkpoint to start from (a run's last.pt or a state dict; detectron2's MODEL.WEIGHTS)
 
 
 # %% [markdown]

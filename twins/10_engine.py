@@ -626,6 +626,17 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.3g}")
             sums, n_sum, t_period = {}, 0, time.perf_counter()
 
+        if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == sol.max_iters:
+            rng_states = _gather_rng_states(info)
+            if info.is_main:
+                atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "iteration": done, "rng": rng_states,
+                             "data": {"samples_per_rank": done * per_rank_batch, "per_rank_batch": per_rank_batch,
+                                      "world_size": info.world_size, "seed": cfg.seed},
+                             "config": config_to_dict(cfg)}, last)
+        # evaluate after saving: the weights are on disk before a long evaluation (which another process may
+        # want to read, and a kill must not lose); the evaluation restores the RNG state it used
         if evaluate_fn is not None and ((cfg.eval_period and done % cfg.eval_period == 0) or done == sol.max_iters):
             if info.is_main:
                 rng = capture_rng_state()
@@ -639,22 +650,16 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
                         if isinstance(v, (int, float)): writer.add_scalar(f"eval/{k}", v, done)
             if info.world_size > 1: dist.barrier()
 
-        if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == sol.max_iters:
-            rng_states = _gather_rng_states(info)
-            if info.is_main:
-                atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "iteration": done, "rng": rng_states,
-                             "data": {"samples_per_rank": done * per_rank_batch, "per_rank_batch": per_rank_batch,
-                                      "world_size": info.world_size, "seed": cfg.seed},
-                             "config": config_to_dict(cfg)}, last)
     bar.close()
     if start >= sol.max_iters and evaluate_fn is not None and info.is_main:
         # resumed a finished run: nothing to train, but a caller still gets the final evaluation it asked for
         # (without it an interrupted experiment that is re-run reports no numbers for the runs it had finished)
         net = unwrap(model); net.eval()
         with torch.no_grad(): eval_record = {"iter": start, "eval": evaluate_fn(net)}
-        net.train()  # (not logged again: metrics.jsonl already holds the run's final evaluation)
+        net.train()
+        logged = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
+        if not any(r.get("iter") == start and "eval" in r for r in logged):  # killed during its final evaluation
+            _write_line(log_file, eval_record)
     if log_file: log_file.close()
     if writer: writer.close()
     return {"iteration": max(start, sol.max_iters), "checkpoint": str(last), "metrics": record, "eval": eval_record}

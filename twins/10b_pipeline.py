@@ -173,6 +173,26 @@ def _atomic_json(obj, path):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp"); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
 
+def load_weights(model:torch.nn.Module,
+                 path, # a `segbook train` checkpoint (its "model" entry is used) or a plain state dict
+                 verbose:bool=True) -> dict: # {"loaded": n, "missing": [...], "unexpected": [...], "mismatched": [...]}
+    "Start a run from other weights (fine-tuning): every tensor whose name and shape match is loaded, the rest are listed."
+    from segbook.engine import load_checkpoint
+    state = load_checkpoint(path)
+    state = state.get("model", state)
+    own = model.state_dict()
+    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    keep = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    if not keep:
+        raise ValueError(f"weights={path}: no tensor matches the model (first model keys: {list(own)[:3]})")
+    res = model.load_state_dict(keep, strict=False)
+    report = {"loaded": len(keep), "missing": sorted(res.missing_keys), "unexpected": sorted(set(state) - set(own)),
+              "mismatched": mismatched}
+    if verbose:
+        print(f"[weights] {path}: loaded {len(keep)} tensors; {len(report['missing'])} keep their init, "
+              f"{len(report['unexpected'])} unused, {len(mismatched)} of another shape", flush=True)
+    return report
+
 def train_command(config, # YAML file
                   out, # run folder: last.pt, metrics.jsonl, config.yaml, codec.pt, classes.json
                   data=None, # dataset root (overrides data.root)
@@ -200,6 +220,8 @@ def train_command(config, # YAML file
     if info.world_size > 1: torch.distributed.barrier()
     seed_everything(cfg.seed)  # the same initial weights however long the codec fit took
     model = build_model(cfg)
+    if cfg.weights and not (resume and (out / "last.pt").exists()):  # a resumed run continues from its own checkpoint
+        load_weights(model, cfg.weights, progress)
     _atomic_json({"coco_ids": list(ds.coco_ids), "names": list(ds.class_names)}, out / "classes.json")
     save_config(cfg, out / "config.yaml")
     loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
