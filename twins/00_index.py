@@ -33,13 +33,18 @@
 # %% [markdown]
 # ## Two commands
 #
-# On a fresh machine with Python 3.10+, from the repository root. The main job (until
-# `segbook reproduce` lands: the smoke data pipeline — write the synthetic *shapes* dataset in COCO
-# format and render its ground truth):
+# On a fresh machine with Python 3.10+, from the repository root. The main job — run every
+# experiment notebook at the *smoke* profile with papermill and regenerate `figures/` and
+# `figures/tables/` (a few minutes on 2 CPU cores; `--data` adds the parts that need real COCO masks,
+# leave it out if you have no coco-mini):
 #
 # ```bash
-# bash tools/install.sh && .venv/bin/segbook data synth --out data/shapes --n-train 200 --n-val 50 && .venv/bin/segbook data browse --data data/shapes --split val --out runs/browse --n 8
+# bash tools/install.sh && .venv/bin/segbook reproduce --profile smoke --data ../shared/coco-mini --out runs/smoke
 # ```
+#
+# The committed `figures/` come from the longer *cpu* profile (`figures/results_cpu.json` says which
+# notebook ran when, at which commit and with which command); the smoke run overwrites them with its
+# own tiny-schedule numbers (`figures/results_smoke.json`), and every table's caption names its profile.
 #
 # All tests (the notebooks' own test cells through `nbdev-test`, then `pytest`):
 #
