@@ -133,7 +133,8 @@ def test_head_learns_to_fix_the_boundary():
 @pytest.mark.parametrize("switch", [{}, {"node_feature": False}, {"node_coarse": False}, {"node_pos": False},
                                     {"node_context": False}, {"detector_mode": "single"}, {"propagation": "bilinear"},
                                     {"refine_loss": "l1", "detector_loss": "bce+dice"}, {"train_nodes": "pred"},
-                                    {"incoherent_target": "bilinear"}])
+                                    {"incoherent_target": "bilinear"}, {"node_fusion": "concat"},
+                                    {"node_feature": False, "node_context": False}])
 def test_table4_switches_forward_backward(switch):
     torch.manual_seed(0)
     masks, rois, levels = disc_scene(2)
@@ -321,7 +322,7 @@ def test_node_encoder_features_equal_dense_roi_align():
     from segbook.transfiner import NEIGHBOURS, NodeEncoder, fpn_strides
     torch.manual_seed(0)
     masks, rois, levels = disc_scene(3)
-    enc = NodeEncoder(8, 16, feature=True, coarse=False, pos=False, context=True)
+    enc = NodeEncoder(8, 16, feature=True, coarse=False, pos=False, context=True, fusion="concat")  # proj sees the features
     seen = {}
     enc.proj.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
     nodes = sample_nodes(build_quadtree(incoherent_pyramid(masks, rois[:, 1:], SIZES)), 20)
@@ -381,3 +382,33 @@ def test_weights_start_a_transfiner_from_a_trained_detector(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in head_before.items())
     with pytest.raises(ValueError, match="no tensor matches"):
         load_weights(torch.nn.Linear(2, 2), tmp_path / "last.pt", verbose=False)
+
+
+def _fit_coarse_labels(fusion:str, steps:int=200) -> float:
+    "Train a node encoder + linear decoder whose labels are exactly the coarse mask, beside loud uninformative features."
+    from segbook.quadtree import roi_pyramid_levels
+    from segbook.transfiner import NodeEncoder
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(4)
+    loud = [torch.randn_like(l) * 4 for l in levels]
+    fpn = roi_pyramid_levels(rois[:, 1:], 3)
+    enc, dec = NodeEncoder(8, 32, pos=False, fusion=fusion), torch.nn.Linear(32, 1)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        coarse = torch.rand(4, 28, 28, generator=g)
+        nodes = sample_nodes(build_quadtree(incoherent_pyramid(masks, rois[:, 1:], SIZES)), 32, generator=g)
+        grids = [coarse] + [F.interpolate(coarse[:, None], size=(s, s), mode="bilinear", align_corners=False)[:, 0] for s in SIZES[1:]]
+        labels = (values_at_nodes(grids, nodes) > 0.5).float()
+        logits = dec(enc(loud, rois, fpn, nodes, coarse, SIZES))[..., 0]
+        loss = F.binary_cross_entropy_with_logits(logits[nodes.valid], labels[nodes.valid])
+        opt.zero_grad(); loss.backward(); opt.step()
+    return float(((logits[nodes.valid] > 0) == (labels[nodes.valid] > 0.5)).float().mean())
+
+
+def test_sum_fusion_sees_the_coarse_cue_beside_loud_features():
+    """Why node_fusion='sum' is the default: with 9·C loud feature dims concatenated, the one coarse-probability input
+    barely moves a shared linear layer (on shapes: loss_refine stuck at ln 2). Measured here: sum 0.9+ vs concat ~0.69
+    accuracy after 200 Adam steps on labels that are exactly the coarse mask."""
+    acc_sum, acc_concat = _fit_coarse_labels("sum"), _fit_coarse_labels("concat")
+    assert acc_sum > 0.9 and acc_sum > acc_concat + 0.1, (acc_sum, acc_concat)

@@ -97,6 +97,7 @@ class TransfinerConfig:
     node_coarse: bool = True          #   coarse mask probability at the node
     node_pos: bool = True             #   sine position (RoI-relative)
     node_context: bool = True         #   3x3 neighbourhood features (paper; absent in the code)
+    node_fusion: str = "sum"          # 'sum': a projection per cue (features layer-normed) | 'concat': one linear (code)
     d_model: int = 256
     heads: int = 4
     layers: int = 3
@@ -247,13 +248,20 @@ NEIGHBOURS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]) 
 
 class NodeEncoder(nn.Module):
     "Token per node: [fine FPN feature ‖ 3x3 context ‖ coarse probability] → linear → + sine position (Table 4 switches)."
-    def __init__(self, in_dim:int, d:int, feature:bool=True, coarse:bool=True, pos:bool=True, context:bool=True):
+    def __init__(self, in_dim:int, d:int, feature:bool=True, coarse:bool=True, pos:bool=True, context:bool=True,
+                 fusion:str="sum"): # 'concat' (code: one linear on the concatenation) | 'sum' (a projection per cue)
         super().__init__()
         if not (feature or coarse or context):
             raise ValueError("NodeEncoder: at least one of feature, coarse, context must be on")
-        self.feature, self.coarse, self.pos, self.context = feature, coarse, pos, context
-        n_in = in_dim * (int(feature) + 8 * int(context)) + int(coarse)
-        self.proj = nn.Linear(n_in, d)
+        if fusion not in ("concat", "sum"):
+            raise ValueError(f"node_fusion: expected 'concat' or 'sum', got {fusion!r}")
+        self.feature, self.coarse, self.pos, self.context, self.fusion = feature, coarse, pos, context, fusion
+        n_feat = in_dim * (int(feature) + 8 * int(context))
+        if fusion == "concat":
+            self.proj = nn.Linear(n_feat + int(coarse), d)
+        else:
+            self.proj_feat = nn.Sequential(nn.LayerNorm(n_feat), nn.Linear(n_feat, d)) if n_feat else None
+            self.proj_coarse = nn.Linear(1, d) if coarse else None
         self.d = d
 
     def forward(self, levels:list, # P2..P5
@@ -283,7 +291,10 @@ class NodeEncoder(nn.Module):
             grids = [coarse_probs] + [F.interpolate(coarse_probs[:, None], size=(s, s), mode="bilinear",
                                                     align_corners=False)[:, 0] for s in sizes[1:]]
             parts.append(values_at_nodes(grids, nodes)[..., None])
-        x = self.proj(torch.cat(parts, -1))
+        if self.fusion == "concat":
+            x = self.proj(torch.cat(parts, -1))
+        else:  # the same function class as concat + linear, but the 1-d coarse cue is not drowned by 9·C features
+            x = sum(p(v) for p, v in zip([m for m in (self.proj_feat, self.proj_coarse) if m is not None], parts))
         if self.pos:
             x = x + sine_position(nodes.yx, size, self.d)
         return x
@@ -333,7 +344,8 @@ class TransfinerHead(nn.Module):
         super().__init__()
         self.cfg, self.sizes = cfg, list(cfg.sizes)
         self.detector = IncoherenceDetector(in_dim, cfg.detector_dim, len(self.sizes), cfg.detector_mode)
-        self.encoder = NodeEncoder(in_dim, cfg.d_model, cfg.node_feature, cfg.node_coarse, cfg.node_pos, cfg.node_context)
+        self.encoder = NodeEncoder(in_dim, cfg.d_model, cfg.node_feature, cfg.node_coarse, cfg.node_pos, cfg.node_context,
+                                   cfg.node_fusion)
         self.transformer = RefinementTransformer(cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.dropout)
 
     def pyramid(self, levels:list, rois:torch.Tensor) -> tuple:
