@@ -21,18 +21,8 @@ from pathlib import Path
 
 import torch
 
+from segbook.embeddings import PCACodec
 from segbook.matching import MatchingConfig, assign, cost_blocks, hungarian_match, matching_cost, prepare_targets
-
-
-class OrthoCodec(torch.nn.Module):
-    "Linear stand-in codec with PCA's cost profile: encode = flatten @ D, decode = clamp(r @ D^T)."
-    def __init__(self, s=28, l=60, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.s = s
-        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
-    def encode(self, m): return m.flatten(1).float() @ self.D
-    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
 
 
 def make_batch(B=16, Q=300, C=80, l=60, max_gt=50, H=800, W=1216, seed=0, device="cpu"):
@@ -65,7 +55,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    codec = OrthoCodec().to(device)
+    codec = PCACodec.random_orthonormal(size=28, dim=60).to(device)
     cfg = MatchingConfig()
     pred, targets, counts = make_batch(device=device)
 

@@ -232,6 +232,16 @@ class PCACodec(nn.Module):
         info = dict(meta or {}, mean=mean, whiten=whiten, logit=moments.logit, n_masks=moments.count)
         return cls(axes[:dim].to(dtype), mu.to(dtype), scale.to(dtype), evals.to(dtype), moments.size, moments.logit, info)
 
+    @classmethod
+    def random_orthonormal(cls, size:int=28, # mask side s
+                           dim:int=16, # embedding dimension l (l = s² gives decode(encode(m)) == m)
+                           seed:int=0) -> "PCACodec":
+        "A paper-mode codec on a random orthonormal basis, no data needed: for examples, tests and benchmarks."
+        g = torch.Generator().manual_seed(seed)
+        axes = torch.linalg.qr(torch.randn(size * size, dim, generator=g))[0].T.contiguous()   # [l,s²] orthonormal rows
+        return cls(axes, torch.zeros(size * size), torch.ones(dim), torch.ones(size * size), size,
+                   meta={"source": f"random orthonormal basis (seed {seed})"})
+
     def truncate(self, dim:int, # new embedding dimension l' ≤ l
                 ) -> "PCACodec":
         "The same codec keeping only the first `dim` axes (the Eq. 3 solution for l' = dim: axes are nested)."
@@ -243,7 +253,7 @@ class PCACodec(nn.Module):
                generator:torch.Generator|None=None, # noise source for the logit domain
               ) -> torch.Tensor: # [N,l]
         "g(m) = Dᵀ(t(m) − μ)/σ, t = identity (paper) or the noisy logit (official)."
-        x = masks.reshape(masks.shape[0], -1).to(self.components.dtype)
+        x = masks.flatten(1).to(self.components.dtype)  # (flatten: also for N = 0)
         if self.logit:
             x = noisy_logit(x, generator)
         return ((x - self.mean) @ self.components.T) / self.scale

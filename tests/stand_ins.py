@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from segbook.embeddings import PCACodec
+
 
 @pytest.fixture
 def one_thread():
@@ -12,15 +14,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-class OrthoCodec(torch.nn.Module):
+def OrthoCodec(s=8, l=16, seed=0):
     "Stand-in codec: a random orthonormal basis of the s² pixel space; with l = s², decode(encode(m)) == m."
-    def __init__(self, s=8, l=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.s = s
-        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
-    def encode(self, m): return m.flatten(1).float() @ self.D
-    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
+    return PCACodec.random_orthonormal(s, l, seed)
 
 
 def rect_masks(boxes, h, w):

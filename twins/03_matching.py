@@ -383,22 +383,12 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
 # %% [markdown]
 # ## Example: a batch of two images
 #
-# A stand-in codec (a random orthonormal basis D: encode = flatten·D, decode = clamp(r·Dᵀ)) keeps
-# this chapter independent of chapter 02. Image 0 has three objects; queries 4, 1 and 6 are noisy
+# A stand-in codec (`PCACodec.random_orthonormal`: a random orthonormal basis D, encode = flatten·D,
+# decode = clamp(r·Dᵀ)) keeps this chapter independent of any fitted codec. Image 0 has three objects; queries 4, 1 and 6 are noisy
 # copies of them, everything else is random. Image 1 has no objects.
 
 # %%
 torch.set_num_threads(1)  # the examples are tiny: one thread avoids OpenMP overhead on small CPUs
-
-class OrthoCodec(torch.nn.Module):
-    "Stand-in codec for examples and tests: a random orthonormal basis of the s² pixel space."
-    def __init__(self, s=28, l=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.s = s
-        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
-    def encode(self, m): return m.flatten(1).float() @ self.D
-    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
 
 def rect_masks(boxes, h, w):
     "Binary masks filling each box (a toy GT)."
@@ -406,7 +396,8 @@ def rect_masks(boxes, h, w):
     return torch.stack([((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)) for x0, y0, x1, y1 in boxes.tolist()]).to(torch.uint8)
 
 torch.manual_seed(0)
-codec = OrthoCodec(s=28, l=16)
+from segbook.embeddings import PCACodec
+codec = PCACodec.random_orthonormal(size=28, dim=16)
 H, W, Q, C = 64, 96, 8, 5
 gt_boxes = torch.tensor([[4., 4, 30, 40], [40, 10, 90, 30], [20, 35, 60, 62]])
 targets = [dict(boxes=gt_boxes, labels=torch.tensor([1, 3, 0]), size=torch.tensor([H, W]), masks=rect_masks(gt_boxes, H, W)),
@@ -496,20 +487,7 @@ from segbook.data import find_coco_mini
 COCO_MINI = find_coco_mini() or Path("shared/coco-mini")  # absent: the cells that need it skip
 COCO_MINI.exists()
 
-
 # %%
-class TinyPCA(torch.nn.Module):
-    "Mean-centred PCA of flattened s×s crops (closed form): encode = (m − μ)·D, decode = clamp(r·Dᵀ + μ)."
-    def __init__(self, crops, l=20):
-        super().__init__()
-        x = crops.flatten(1).double()
-        self.s, mean = crops.shape[-1], x.mean(0)
-        evals, evecs = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("D", evecs[:, -l:].flip(1).float())
-    def encode(self, m): return (m.flatten(1).float() - self.mean) @ self.D
-    def decode(self, r): return (r @ self.D.T + self.mean).clamp(0, 1).view(-1, self.s, self.s)
-
 if COCO_MINI.exists():
     from PIL import Image
     from pycocotools.coco import COCO
@@ -530,7 +508,8 @@ if COCO_MINI.exists():
                     size=torch.tensor([info["height"], info["width"]]), masks=masks), info
 
     crops = torch.cat([crop_and_resize_masks(t["masks"], t["boxes"], 28) for t, _ in map(coco_target, coco.getImgIds())])
-    pca = TinyPCA(crops, l=20)
+    from segbook.embeddings import MaskMoments
+    pca = PCACodec.from_moments(MaskMoments(28).update(crops), dim=20, mean=True)  # Eq. 3, centred (code switch)
     img_id = next(i for i in sorted(coco.getImgIds()) if 5 <= len(coco.getAnnIds(imgIds=i, iscrowd=False)) <= 7)
     target, info = coco_target(img_id)
     crops.shape, len(target["labels"])

@@ -209,16 +209,6 @@ class SetCriterion(nn.Module):
 # %%
 torch.set_num_threads(1)  # the examples are tiny: one thread avoids OpenMP overhead on small CPUs
 
-class OrthoCodec(nn.Module):
-    "Stand-in codec for examples and tests: a random orthonormal basis of the s² pixel space."
-    def __init__(self, s=28, l=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.s = s
-        self.register_buffer("D", torch.linalg.qr(torch.randn(s * s, l, generator=g))[0])
-    def encode(self, m): return m.flatten(1).float() @ self.D
-    def decode(self, r): return (r @ self.D.T).clamp(0, 1).view(-1, self.s, self.s)
-
 def rect_masks(boxes, h, w):
     "Binary masks filling each box (a toy GT)."
     ys, xs = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
@@ -242,7 +232,7 @@ def perfect_prediction(targets, codec, Q=6, C=5, s=8):
     prepared = prepare_targets(targets, s, codec)
     logits = torch.full((B, Q, C), -20.0)
     boxes = torch.tensor([0., 0, 4, 4]).repeat(B, Q, 1) + torch.arange(Q)[None, :, None]
-    embed = torch.zeros(B, Q, codec.D.shape[1])
+    embed = torch.zeros(B, Q, codec.dim)
     for b, t in enumerate(prepared):
         q = torch.arange(len(t["labels"])) * 2 + 1
         logits[b, q, t["labels"]] = 20.0
@@ -250,7 +240,8 @@ def perfect_prediction(targets, codec, Q=6, C=5, s=8):
         embed[b, q] = t["mask_embed"]
     return dict(logits=logits, boxes=boxes, mask_embed=embed)
 
-codec = OrthoCodec(s=8, l=64)
+from segbook.embeddings import PCACodec
+codec = PCACodec.random_orthonormal(size=8, dim=64)
 targets = toy_batch()
 criterion = SetCriterion(MatchingConfig(mask_size=8), SetLossConfig(), codec)
 perfect = perfect_prediction(targets, codec)
@@ -326,7 +317,7 @@ def fit_free_predictions(targets, codec, steps=150, Q=6, C=5, seed=0):
     B = len(targets)
     xy = torch.rand(B, Q, 2, generator=g) * 30
     params = dict(logits=torch.randn(B, Q, C, generator=g), boxes=torch.cat([xy, xy + 10], -1),
-                  mask_embed=0.1 * torch.randn(B, Q, codec.D.shape[1], generator=g))
+                  mask_embed=0.1 * torch.randn(B, Q, codec.dim, generator=g))
     for v in params.values(): v.requires_grad_(True)
     opt = torch.optim.Adam([{"params": [params["boxes"]], "lr": 1.0},
                             {"params": [params["logits"], params["mask_embed"]], "lr": 0.1}])
