@@ -7,7 +7,8 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
-           'merge_profile_results', 'reproduce_command', 'experiment_context', 'write_table', 'train_istr_variant']
+           'merge_profile_results', 'reproduce_command', 'experiment_context', 'size_ranges', 'write_table',
+           'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import json
@@ -242,6 +243,14 @@ def experiment_context(out_dir=None, # run folder of the notebook; None: a tempo
     coco = Path(coco_root) if coco_root else find_coco_mini()
     tables = figures_dir() / "tables"; tables.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(out=out, shapes=Path(shapes_root), coco=coco, tables=tables)
+
+def size_ranges(ann_file, # a COCO instances JSON
+               ) -> str: # one sentence for a table caption
+    "How AP_S/M/L are bucketed for this annotation file: its own `info.area_rng` (as segbook.evaluation) or COCO's."
+    rng = json.loads(Path(ann_file).read_text()).get("info", {}).get("area_rng")
+    if not rng: return "S/M/L: COCO's area ranges (32², 96² px²)."
+    return (f"S/M/L on shapes: the data set's own area ranges (info.area_rng, COCO's scaled to the image size): small < "
+            f"{rng['small'][1]:.0f} px², medium < {rng['medium'][1]:.0f} px², large above.")
 
 def write_table(path, # .md file to write
                 lines:list, # markdown lines

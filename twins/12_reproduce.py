@@ -325,6 +325,14 @@ def experiment_context(out_dir=None, # run folder of the notebook; None: a tempo
     tables = figures_dir() / "tables"; tables.mkdir(parents=True, exist_ok=True)
     return SimpleNamespace(out=out, shapes=Path(shapes_root), coco=coco, tables=tables)
 
+def size_ranges(ann_file, # a COCO instances JSON
+               ) -> str: # one sentence for a table caption
+    "How AP_S/M/L are bucketed for this annotation file: its own `info.area_rng` (as segbook.evaluation) or COCO's."
+    rng = json.loads(Path(ann_file).read_text()).get("info", {}).get("area_rng")
+    if not rng: return "S/M/L: COCO's area ranges (32², 96² px²)."
+    return (f"S/M/L on shapes: the data set's own area ranges (info.area_rng, COCO's scaled to the image size): small < "
+            f"{rng['small'][1]:.0f} px², medium < {rng['medium'][1]:.0f} px², large above.")
+
 def write_table(path, # .md file to write
                 lines:list, # markdown lines
                 echo:bool=True) -> Path:

@@ -56,7 +56,7 @@ from segbook.bench import istr_preprocess, latency_summary, time_alternately
 from segbook.config import load_config
 from segbook.engine import dist_info, resolve_device
 from segbook.pipeline import load_trained, train_command
-from segbook.reproduce import experiment_context, write_json_atomic, write_table, _repo_root
+from segbook.reproduce import size_ranges, experiment_context, write_json_atomic, write_table, _repo_root
 from segbook.viz import save_figure
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
@@ -129,7 +129,6 @@ for name in runs:
     runs[name]["latency"] = {**latency_summary(timed[name]["ms"]), "detections": int(timed[name]["output"][0]["boxes"].shape[0])}
     print(name, {k: round(v, 2) for k, v in runs[name]["latency"].items()})
 
-
 # %% [markdown]
 # ## The table
 #
@@ -138,12 +137,6 @@ for name in runs:
 # iterations, latency on the run's device (CPU: one thread). −1 from COCOeval (no ground truth in that size range) is shown as "n/a".
 
 # %%
-def size_ranges(ann_file) -> str:
-    "How AP_S/M/L are bucketed for this annotation file: its own `info.area_rng` (as segbook.evaluation) or COCO's."
-    rng = json.loads(Path(ann_file).read_text()).get("info", {}).get("area_rng")
-    if not rng: return "S/M/L: COCO's area ranges (32², 96² px²)."
-    return (f"S/M/L on shapes: the data set's own area ranges (info.area_rng, COCO's scaled to the image size): small < "
-            f"{rng['small'][1]:.0f} px², medium < {rng['medium'][1]:.0f} px², large above.")
 
 PAPER = {  # ISTR Table 2 (COCO test-dev, R50-FPN, 36 epochs, 1080Ti)
     "ISTR":       dict(AP_m=38.6, APs_m=22.1, APm_m=40.4, APl_m=50.6, AP_b=46.8, APs_b=27.8, APm_b=48.7, APl_b=59.9, fps=13.8, ms=72.5),

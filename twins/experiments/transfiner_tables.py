@@ -60,7 +60,7 @@ from segbook.engine import build_train_loader, dist_info, resolve_device, seed_e
 from segbook.incoherent import incoherent_pyramid
 from segbook.pipeline import build_model, eval_dataset, train_dataset, with_dataset_classes
 from segbook.quadtree import NodeSequence, build_quadtree, propagate, roi_pyramid_levels, select_nodes
-from segbook.reproduce import experiment_context, write_json_atomic, write_table, _repo_root
+from segbook.reproduce import size_ranges, experiment_context, write_json_atomic, write_table, _repo_root
 from segbook.bench import latency_summary, time_alternately
 from segbook.evaluation import evaluate_coco, predictions_to_coco
 from segbook.transfiner import incoherence_metrics, pad_masks, roi_pyramid_features
@@ -416,7 +416,6 @@ def incoherence_detection(model, # trained MaskRCNNTransfiner
 det = incoherence_detection(model, val, dev, eval_images)
 print(json.dumps(det, indent=None)[:600])
 
-
 # %% [markdown]
 # ## The tables
 #
@@ -425,12 +424,6 @@ print(json.dumps(det, indent=None)[:600])
 # shapes) is "n/a".
 
 # %%
-def size_ranges(ann_file) -> str:
-    "How AP_S/M/L are bucketed for this annotation file: its own `info.area_rng` (as segbook.evaluation) or COCO's."
-    rng = json.loads(Path(ann_file).read_text()).get("info", {}).get("area_rng")
-    if not rng: return "S/M/L: COCO's area ranges (32², 96² px²)."
-    return (f"S/M/L on shapes: the data set's own area ranges (info.area_rng, COCO's scaled to the image size): small < "
-            f"{rng['small'][1]:.0f} px², medium < {rng['medium'][1]:.0f} px², large above.")
 pct = lambda v: "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
 setting = (f"{profile} profile: one Transfiner (Mask R-CNN R18-FPN from scratch, 128 px) trained {iters} iterations × batch "
            f"{batch_size}, trained with detector '{tcfg.detector_mode}', propagation '{tcfg.propagation}', joint refinement, "
