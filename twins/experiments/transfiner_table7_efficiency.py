@@ -116,13 +116,15 @@ def make_case(R:int) -> dict:
 # ## The five methods
 #
 # One `TransfinerHead` with the paper's settings (d = 256, 4 heads, 3 post-norm layers, FFN 2048, the 3×3 context cue
-# on, nearest propagation) supplies the node encoder and the refinement transformer; random weights, eval mode.
+# on, nearest propagation) supplies the node encoder and the refinement transformer; random weights, eval mode. Its
+# node encoder uses the code's one-linear fusion (`node_fusion='concat'`) so the rows below can share its projection;
+# the book's default per-cue fusion costs the same multiply–adds.
 # - **quadtree, segbook NodeEncoder**: `TransfinerHead.node_logits` → sigmoid → `propagate` to 112². This is the
-#   book's model as it runs: the node encoder calls `gather_points` once per grid side for *all* nodes and their 3×3
-#   neighbours and keeps each node's own grid (3× the sampling work).
+#   book's model as it runs: the node encoder calls `gather_points` once for all nodes and their 3×3 neighbours,
+#   each on its own grid side.
 # - **quadtree, gather_points once per grid**: the same tokens, but each grid's nodes (and neighbours) are sampled
-#   once, with `bench_gather.run_sparse`; then the node encoder's projection, the sine position and the same
-#   transformer and propagation.
+#   by one call per grid, with `bench_gather.run_sparse`; then the node encoder's projection, the sine position and
+#   the same transformer and propagation.
 # - **quadtree, dense RoIAlign + index**: `bench_gather.run_dense` pools every RoI's full 28², 56² and 112² grids and
 #   indexes them at the same nodes and neighbours (the official code's way); tokens and transformer as above.
 #   The three quadtree rows compute the same output (checked at the end).
@@ -132,7 +134,7 @@ def make_case(R:int) -> dict:
 
 # %%
 torch.manual_seed(seed)
-cfg = TransfinerConfig(sizes=SIZES)
+cfg = TransfinerConfig(sizes=SIZES, node_fusion="concat")
 head = TransfinerHead(cfg, 256).to(dev).eval()
 dense_proj = torch.nn.Linear(256 + 1, cfg.d_model).to(dev).eval()
 N_IN_NODE = head.encoder.proj.in_features                          # 9·256 + 1 with the context cue
