@@ -133,9 +133,10 @@ class IncoherenceDetector(nn.Module):
         self.fuse = nn.ModuleList(nn.Conv2d(in_dim + 1, 1, 1) for _ in range(num_levels - 1 if mode == "cascade" else 0))
 
     def forward(self, roi_feats:list, # per level [R,d,s,s], coarse first (only [0] used in 'single' mode)
-                coarse_logits:torch.Tensor, # [R,s0,s0] coarse mask logits
+                coarse_probs:torch.Tensor, # [R,s0,s0] coarse mask probabilities (every caller has them)
                ) -> list: # per level [R,s,s] incoherence logits
-        x = torch.cat([roi_feats[0], coarse_logits.detach()[:, None].sigmoid()], 1)
+        x = torch.cat([roi_feats[0], coarse_probs.detach()[:, None].to(roi_feats[0].dtype)], 1)  # (sessions 1-3: a
+        # second sigmoid here squeezed the probabilities into [0.5, 0.73]; models trained then saw that input)
         out = [self.trunk(x)[:, 0]]
         for l in range(1, self.num_levels):
             s = roi_feats[l].shape[-1] if self.mode == "cascade" else out[0].shape[-1] * 2 ** l

@@ -119,7 +119,7 @@ def test_head_learns_to_fix_the_boundary():
     coarse_logits = torch.logit(blocky.clamp(0.02, 0.98))
     head = TransfinerHead(tiny_cfg(nodes_per_level=64, inc_threshold=[0.15, 0.15, 0.15]), 8)
     opt = torch.optim.AdamW(head.parameters(), 6e-3)
-    for _ in range(40):
+    for _ in range(80):
         l = head.loss(levels, rois, coarse_logits, masks)
         loss = l["loss_refine"] + 0.5 * l["loss_incoherent"]
         opt.zero_grad(); loss.backward(); opt.step()
