@@ -7,8 +7,8 @@ Docs: https://segbook.github.io/segbook/transfiner.html.md"""
 # %% auto #0
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
            'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'RefinementTransformer',
-           'TransfinerHead', 'build_torchvision_maskrcnn', 'pad_masks', 'MaskRCNNTransfiner', 'istr_config',
-           'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner']
+           'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image', 'pad_masks', 'MaskRCNNTransfiner',
+           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
@@ -30,7 +30,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .gather import gather_points
 from .incoherent import crop_masks, incoherent_pyramid
-from .quadtree import build_quadtree, propagate, roi_pyramid_levels, sample_nodes, select_nodes, values_at_nodes
+from .quadtree import (build_quadtree, propagate, roi_pyramid_levels, sample_nodes, select_nodes, trim_padding,
+                              values_at_nodes)
 
 # %% ../nbs/08_transfiner.ipynb #e3f95603
 @dataclass
@@ -323,9 +324,8 @@ class TransfinerHead(nn.Module):
         inc = [x.sigmoid() for x in self.detector(feats, coarse_probs)]
         node_masks = build_quadtree([p >= t for p, t in zip(inc, cfg.inc_threshold)])
         nodes = select_nodes(node_masks, inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
-        if not rois.is_cuda and cfg.max_nodes_per_roi is not None:  # a cap pads every RoI to it: on the CPU one sync
-            k = max(1, int(nodes.valid.sum(1).max()))                   # to drop the padding saves the transformer
-            nodes = nodes._replace(**{f: getattr(nodes, f)[:, :k] for f in ("roi", "level", "yx", "valid", "score")})
+        if not rois.is_cuda and cfg.max_nodes_per_roi is not None:  # on the CPU a sync is cheap, transformer work is not
+            nodes = trim_padding(nodes)
         values = self.node_logits(levels, rois, fpn, nodes, coarse_probs).sigmoid()
         fine = propagate(coarse_probs, nodes, values, self.sizes, cfg.propagation)
         return (fine, nodes, node_masks) if return_nodes else fine
@@ -368,6 +368,12 @@ def build_torchvision_maskrcnn(cfg:TransfinerConfig) -> MaskRCNN:
                     box_batch_size_per_image=cfg.box_batch_size_per_image, box_score_thresh=cfg.box_score_thresh,
                     mask_roi_pool=MultiScaleRoIAlign(list(FPN_LEVELS), 14, 2),
                     mask_head=MaskRCNNHeads(d, [d] * 4, 1), mask_predictor=MaskRCNNPredictor(d, d, c))
+
+def top_per_image(rois:torch.Tensor, # [R,5] grouped by image (column 0), best score first within an image
+                  k:Optional[int]) -> torch.Tensor: # [R] bool: the first k RoIs of each image (all when k is None)
+    "Which detections rank in their image's top k (the code's test-time LIMIT), without a host sync."
+    b = rois[:, 0].long()
+    return torch.arange(len(b), device=b.device) - torch.searchsorted(b, b) < (len(b) if k is None else k)
 
 def pad_masks(masks:torch.Tensor, # [N,h,w]
               height:int, width:int) -> torch.Tensor: # [N,height,width] zero-padded (bottom/right)
@@ -449,8 +455,7 @@ class MaskRCNNTransfiner(nn.Module):
             levels = [feats[k] for k in ("p2", "p3", "p4", "p5")]
             rois = torch.cat([torch.cat([torch.full_like(d["boxes"][:, :1], b), d["boxes"]], 1) for b, d in enumerate(dets)])
             k = self.cfg.refine_topk
-            rank = torch.cat([torch.arange(c, device=rois.device) for c in counts])  # detections come best first
-            masks = self.head.refine_some(levels, rois, coarse, None if k is None else rank < k)
+            masks = self.head.refine_some(levels, rois, coarse, None if k is None else top_per_image(rois, k))
         else:
             masks = coarse
         out = []

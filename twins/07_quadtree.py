@@ -233,6 +233,11 @@ def select_nodes(node_masks:list, # per level [N,s,s] bool
     return NodeSequence(torch.arange(n, device=dev)[:, None].expand(n, k), level,
                         torch.stack([cell // size, cell % size], -1), valid, score, dropped)
 
+def trim_padding(nodes:NodeSequence) -> NodeSequence: # the same nodes, K cut to the longest RoI's count
+    "Drop the padding columns `select_nodes` leaves under a cap (it pads every RoI to the cap): one host sync."
+    k = max(1, int(nodes.valid.sum(1).max()))
+    return NodeSequence(*(t[:, :k] if t is not None and t.dim() >= 2 else t for t in nodes))
+
 def nodes_to_masks(nodes:NodeSequence, # a node sequence
                    sizes, # grid side per level, e.g. (28, 56, 112)
                   ) -> list: # per level [N,s,s] bool
@@ -281,6 +286,10 @@ per_roi = [torch.cat([p[i][t[i]] for p, t in zip(probs, tree)]).sort(descending=
 for i in range(2):                                       # within each RoI, the highest-confidence nodes were kept
     kept = capped.score[i][capped.valid[i]]
     assert kept.min() >= per_roi[i][min(10, len(per_roi[i])) - 1] - 1e-7
+padded = select_nodes(tree, probs, max_per_roi=400)                     # a cap pads every RoI to 400 tokens
+short = trim_padding(padded)
+assert short.valid.shape[1] == int(padded.valid.sum(1).max()) < 400 and torch.equal(short.valid.sum(1), padded.valid.sum(1))
+assert torch.equal(short.yx[short.valid], padded.yx[padded.valid]) and short.dropped == padded.dropped
 
 
 # %% [markdown]

@@ -59,11 +59,11 @@ from segbook.config import load_config
 from segbook.engine import build_train_loader, dist_info, resolve_device, seed_everything, train
 from segbook.incoherent import incoherent_pyramid
 from segbook.pipeline import build_model, eval_dataset, train_dataset, with_dataset_classes
-from segbook.quadtree import NodeSequence, build_quadtree, propagate, roi_pyramid_levels, select_nodes
+from segbook.quadtree import build_quadtree, propagate, roi_pyramid_levels, select_nodes, trim_padding
 from segbook.reproduce import size_ranges, experiment_context, write_json_atomic, write_table, _repo_root
 from segbook.bench import latency_summary, time_alternately
 from segbook.evaluation import evaluate_coco, predictions_to_coco
-from segbook.transfiner import incoherence_metrics, pad_masks, roi_pyramid_features
+from segbook.transfiner import top_per_image, incoherence_metrics, pad_masks, roi_pyramid_features
 from segbook.viz import save_figure
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
@@ -169,8 +169,7 @@ class SharedRefinement:
             inc = self.inc(mode, depth)
             tree = build_quadtree([p >= t for p, t in zip(inc, self.cfg.inc_threshold)])
             nodes = select_nodes(tree, inc, self.cfg.max_nodes_per_roi, self.cfg.max_nodes_total)
-            k = max(1, int(nodes.valid.sum(1).max()))  # with a cap, select_nodes pads every RoI to the cap: trim the padding
-            nodes = NodeSequence(*(t[:, :k] if t is not None and t.dim() >= 2 else t for t in nodes))
+            nodes = trim_padding(nodes)  # with a cap, select_nodes pads every RoI to the cap
             self.counts[mode, depth] = ([int(m.sum()) for m in tree],
                                         [int((nodes.valid & (nodes.level == l)).sum()) for l in range(depth)])
             self._nodes[mode, depth] = nodes
@@ -215,11 +214,6 @@ class SharedRefinement:
 # every detection is refined, as `predict` does.
 
 # %%
-def top_per_image(rois:torch.Tensor, # [R,5] grouped by image (column 0), best score first within an image
-                  k:int|None) -> torch.Tensor: # [R] bool: the first k RoIs of each image (all when k is None)
-    b = rois[:, 0].long()
-    return torch.arange(len(b), device=b.device) - torch.searchsorted(b, b) < (len(b) if k is None else k)
-
 @torch.no_grad()
 def predict_batch(model, # trained MaskRCNNTransfiner (eval mode)
                   images:torch.Tensor, sizes:list, orig_sizes:list, # batch, (h,w) seen, (H0,W0) to paste into
