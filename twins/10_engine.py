@@ -525,6 +525,14 @@ def _write_line(f, record:dict):
 
 # %%
 #| export
+def _evaluate(model:nn.Module, evaluate_fn) -> dict:
+    "evaluate_fn on the unwrapped model in eval mode, without a gradient; train mode and the RNG state restored."
+    rng = capture_rng_state()
+    net = unwrap(model); net.eval()
+    with torch.no_grad(): result = evaluate_fn(net)
+    net.train(); restore_rng_state(rng)
+    return result
+
 def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* tensors
           train_loader, # endless loader, ideally from `build_train_loader` (exact resume)
           cfg:TrainConfig,
@@ -639,10 +647,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         # want to read, and a kill must not lose); the evaluation restores the RNG state it used
         if evaluate_fn is not None and ((cfg.eval_period and done % cfg.eval_period == 0) or done == sol.max_iters):
             if info.is_main:
-                rng = capture_rng_state()
-                net = unwrap(model); net.eval()
-                with torch.no_grad(): result = evaluate_fn(net)
-                net.train(); restore_rng_state(rng)
+                result = _evaluate(model, evaluate_fn)
                 eval_record = {"iter": done, "eval": result}
                 _write_line(log_file, eval_record)
                 if writer:
@@ -654,9 +659,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
     if start >= sol.max_iters and evaluate_fn is not None and info.is_main:
         # resumed a finished run: nothing to train, but a caller still gets the final evaluation it asked for
         # (without it an interrupted experiment that is re-run reports no numbers for the runs it had finished)
-        net = unwrap(model); net.eval()
-        with torch.no_grad(): eval_record = {"iter": start, "eval": evaluate_fn(net)}
-        net.train()
+        eval_record = {"iter": start, "eval": _evaluate(model, evaluate_fn)}
         logged = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
         if not any(r.get("iter") == start and "eval" in r for r in logged):  # killed during its final evaluation
             _write_line(log_file, eval_record)
