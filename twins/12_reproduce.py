@@ -79,7 +79,7 @@ PROFILES = {
         "istr_ablations": dict(_SMOKE_TRAIN, variants="all"),
         "istr_stages": dict(_SMOKE_TRAIN),
         "compare_maskrcnn": dict(_SMOKE_TRAIN),
-        "transfiner_tables": dict(_SMOKE_TRAIN),
+        "transfiner_tables": dict(_SMOKE_TRAIN, finetune_iters=2),
         "paper_vs_code": dict(),
     },
     "cpu": {
@@ -90,7 +90,7 @@ PROFILES = {
         "istr_ablations": dict(iters=300, batch_size=4, eval_images=100, variants="all"),
         "istr_stages": dict(iters=1000, batch_size=4, eval_images=200),
         "compare_maskrcnn": dict(iters=600, batch_size=4, eval_images=200),
-        "transfiner_tables": dict(iters=600, batch_size=4, eval_images=200),
+        "transfiner_tables": dict(iters=600, finetune_iters=800, batch_size=4, eval_images=200),
         "paper_vs_code": dict(),
     },
     "gpu": {
@@ -101,7 +101,7 @@ PROFILES = {
         "istr_ablations": dict(iters=1500, batch_size=16, eval_images=200, variants="all"),
         "istr_stages": dict(iters=3000, batch_size=16, eval_images=200),
         "compare_maskrcnn": dict(iters=3000, batch_size=16, eval_images=200),
-        "transfiner_tables": dict(iters=3000, batch_size=16, eval_images=200),
+        "transfiner_tables": dict(iters=3000, finetune_iters=2000, batch_size=16, eval_images=200),
         "paper_vs_code": dict(),
     },
 }
