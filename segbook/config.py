@@ -57,6 +57,8 @@ class TrainConfig:
     "Everything one training run needs; `model` is passed through to the model's own config."
     model_type: str = "istr"  # 'istr' | 'transfiner' | 'maskrcnn' (mapped by an if/elif in the CLI)
     model: dict = field(default_factory=dict)
+    matching: dict = field(default_factory=dict)  # ISTR only: segbook.matching.MatchingConfig fields (cost weights, mask_cost)
+    loss: dict = field(default_factory=dict)  # ISTR only: segbook.losses.SetLossConfig fields (loss weights, mask_loss)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     seed: int = 40244023
@@ -146,13 +148,24 @@ def load_config(path=None, # YAML file, or None for the defaults
         if not path.exists(): raise ConfigError(f"{path}: no such config file")
         try: raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = _from_dict(TrainConfig, raw, str(path) if path else "<defaults>")
+    cfg = _check_criterion(_from_dict(TrainConfig, raw, str(path) if path else "<defaults>"), str(path) if path else "<defaults>")
     # overrides start from the checked file so that a bad override is blamed on the override
     merged = dataclasses.asdict(cfg)
     for o in overrides:
         apply_override(merged, o)
-        _from_dict(TrainConfig, merged, f"override '{o}'")
+        _check_criterion(_from_dict(TrainConfig, merged, f"override '{o}'"), f"override '{o}'")
     return _from_dict(TrainConfig, merged, "overrides")
+
+def _check_criterion(cfg:TrainConfig, source:str) -> TrainConfig:
+    "`matching:` and `loss:` hold fields of ISTR's `MatchingConfig` / `SetLossConfig`: checked here like the other sections."
+    if cfg.matching or cfg.loss:
+        from segbook.losses import SetLossConfig
+        from segbook.matching import MatchingConfig
+        for name, cls in (("matching", MatchingConfig), ("loss", SetLossConfig)):
+            try: _from_dict(cls, getattr(cfg, name), source, f"{name}.")
+            except ConfigError: raise
+            except ValueError as e: raise ConfigError(f"{source}: {e}") from None  # the dataclass's own check of a switch
+    return cfg
 
 def config_to_dict(cfg:TrainConfig) -> dict:
     "A plain nested dict of `cfg` (what `save_config` writes and checkpoints store)."

@@ -78,9 +78,15 @@ def with_dataset_classes(cfg:TrainConfig, ds:CocoInstances) -> TrainConfig:
 
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
     "The model named by `cfg.model_type` (an explicit if/elif: follow it with grep)."
+    if cfg.model_type != "istr" and (cfg.matching or cfg.loss):
+        raise ValueError(f"matching: / loss: configure ISTR's set criterion; model_type '{cfg.model_type}' has none "
+                         f"(got matching={cfg.matching}, loss={cfg.loss})")
     if cfg.model_type == "istr":
         from segbook.istr import build_istr
-        return build_istr(cfg.model)
+        from segbook.losses import SetLossConfig
+        from segbook.matching import MatchingConfig
+        matching = MatchingConfig(**{"mask_size": cfg.model.get("mask_size", 28), **cfg.matching})
+        return build_istr(cfg.model, matching=matching, loss=SetLossConfig(**cfg.loss))
     elif cfg.model_type == "transfiner":
         from segbook.transfiner import build_transfiner
         return build_transfiner(cfg.model)

@@ -277,14 +277,12 @@ def train_istr_variant(config, # YAML file (e.g. configs/istr_shapes_cpu.yaml)
     from segbook.config import load_config
     from segbook.data import collate
     from segbook.engine import build_train_loader, dist_info, resolve_device, seed_everything, train
-    from segbook.istr import build_istr
-    from segbook.losses import SetLossConfig
-    from segbook.matching import MatchingConfig
-    from segbook.pipeline import ensure_codec, eval_dataset, evaluate_model, train_dataset, with_dataset_classes
+    from segbook.pipeline import build_model, ensure_codec, eval_dataset, evaluate_model, train_dataset, with_dataset_classes
     ov = [f"data.root={data_root}", f"solver.max_iters={iters}", f"data.batch_size={batch_size}", f"seed={seed}",
           f"device={device}", f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
           "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
-    ov += [f"model.{k}={json.dumps(v)}" for k, v in (model or {}).items()]
+    ov += [f"{section}.{k}={json.dumps(v)}" for section, d in (("model", model), ("matching", matching), ("loss", loss))
+           for k, v in (d or {}).items()]
     cfg = load_config(config, ov)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -292,8 +290,7 @@ def train_istr_variant(config, # YAML file (e.g. configs/istr_shapes_cpu.yaml)
     cfg = with_dataset_classes(cfg, ds)
     cfg = ensure_codec(cfg, out, progress)
     seed_everything(cfg.seed)
-    net = build_istr(cfg.model, matching=MatchingConfig(mask_size=cfg.model.get("mask_size", 28), **(matching or {})),
-                     loss=SetLossConfig(**(loss or {})))
+    net = build_model(cfg)
     loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
     dev = resolve_device(cfg.device, dist_info())
     val = eval_dataset(cfg)

@@ -37,7 +37,10 @@ import yaml
 # A run is described by one `TrainConfig`. It has no registry and builds no class from a string:
 # `model_type` is read by an explicit `if/elif` in the command line, and `model` is a plain dict
 # handed to that model's own config dataclass (ISTR, Transfiner and Mask R-CNN each own theirs),
-# so this module never has to know every model's knobs.
+# so this module never has to know every model's knobs. ISTR's set criterion has two more such dicts,
+# `matching` (`MatchingConfig`: the cost weights and Table 1b's `mask_cost`) and `loss` (`SetLossConfig`: the loss
+# weights and Table 1c's `mask_loss`); they are checked against those dataclasses when the file is loaded, so
+# `matching.mask_cots=dice` fails there, naming the key.
 #
 # The solver defaults are ISTR's (`../shared/method-details.md`): AdamW at lr 2.5e-5, weight decay
 # 1e-4, linear warm-up over 1000 iterations from 0.01, gradient-norm clipping at 1.0, seed 40244023.
@@ -94,6 +97,8 @@ class TrainConfig:
     "Everything one training run needs; `model` is passed through to the model's own config."
     model_type: str = "istr"  # 'istr' | 'transfiner' | 'maskrcnn' (mapped by an if/elif in the CLI)
     model: dict = field(default_factory=dict)
+    matching: dict = field(default_factory=dict)  # ISTR only: segbook.matching.MatchingConfig fields (cost weights, mask_cost)
+    loss: dict = field(default_factory=dict)  # ISTR only: segbook.losses.SetLossConfig fields (loss weights, mask_loss)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     seed: int = 40244023
@@ -203,13 +208,24 @@ def load_config(path=None, # YAML file, or None for the defaults
         if not path.exists(): raise ConfigError(f"{path}: no such config file")
         try: raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = _from_dict(TrainConfig, raw, str(path) if path else "<defaults>")
+    cfg = _check_criterion(_from_dict(TrainConfig, raw, str(path) if path else "<defaults>"), str(path) if path else "<defaults>")
     # overrides start from the checked file so that a bad override is blamed on the override
     merged = dataclasses.asdict(cfg)
     for o in overrides:
         apply_override(merged, o)
-        _from_dict(TrainConfig, merged, f"override '{o}'")
+        _check_criterion(_from_dict(TrainConfig, merged, f"override '{o}'"), f"override '{o}'")
     return _from_dict(TrainConfig, merged, "overrides")
+
+def _check_criterion(cfg:TrainConfig, source:str) -> TrainConfig:
+    "`matching:` and `loss:` hold fields of ISTR's `MatchingConfig` / `SetLossConfig`: checked here like the other sections."
+    if cfg.matching or cfg.loss:
+        from segbook.losses import SetLossConfig
+        from segbook.matching import MatchingConfig
+        for name, cls in (("matching", MatchingConfig), ("loss", SetLossConfig)):
+            try: _from_dict(cls, getattr(cfg, name), source, f"{name}.")
+            except ConfigError: raise
+            except ValueError as e: raise ConfigError(f"{source}: {e}") from None  # the dataclass's own check of a switch
+    return cfg
 
 def config_to_dict(cfg:TrainConfig) -> dict:
     "A plain nested dict of `cfg` (what `save_config` writes and checkpoints store)."
@@ -258,6 +274,12 @@ for bad, words in [(["solver.lrr=0.1"], ["solver.lrr", "unknown"]), (["data.batc
                    (["nokey"], ["key=value"]), (["seed.x=1"], ["seed", "not a section"])]:
     try: load_config(d / "tiny.yaml", bad); raise AssertionError(bad)
     except ConfigError as e: assert all(w in str(e) for w in words), str(e)
+for bad, words in [(["matching.mask_cots=dice"], ["matching.mask_cots", "unknown", "mask_cost"]),
+                   (["loss.mask_loss=l3"], ["loss.mask_loss=l3", "mask_loss", "'l3'"]),
+                   (["matching.weight_mask=high"], ["matching.weight_mask", "number"])]:
+    try: load_config(d / "tiny.yaml", bad); raise AssertionError(bad)
+    except ConfigError as e: assert all(w in str(e) for w in words), str(e)
+assert load_config(d / "tiny.yaml", ["matching.mask_cost=dice", "loss.mask_loss=l2"]).matching == {"mask_cost": "dice"}
 (d / "typo.yaml").write_text("solver:\n  wramup_iters: 5\n")
 try: load_config(d / "typo.yaml"); raise AssertionError("typo accepted")
 except ConfigError as e: assert "typo.yaml" in str(e) and "solver.wramup_iters" in str(e)

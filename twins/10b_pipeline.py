@@ -114,9 +114,15 @@ def with_dataset_classes(cfg:TrainConfig, ds:CocoInstances) -> TrainConfig:
 
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
     "The model named by `cfg.model_type` (an explicit if/elif: follow it with grep)."
+    if cfg.model_type != "istr" and (cfg.matching or cfg.loss):
+        raise ValueError(f"matching: / loss: configure ISTR's set criterion; model_type '{cfg.model_type}' has none "
+                         f"(got matching={cfg.matching}, loss={cfg.loss})")
     if cfg.model_type == "istr":
         from segbook.istr import build_istr
-        return build_istr(cfg.model)
+        from segbook.losses import SetLossConfig
+        from segbook.matching import MatchingConfig
+        matching = MatchingConfig(**{"mask_size": cfg.model.get("mask_size", 28), **cfg.matching})
+        return build_istr(cfg.model, matching=matching, loss=SetLossConfig(**cfg.loss))
     elif cfg.model_type == "transfiner":
         from segbook.transfiner import build_transfiner
         return build_transfiner(cfg.model)
@@ -316,6 +322,17 @@ summary = train_command("../configs/istr_shapes_cpu.yaml", tmp / "run", data=tmp
                         overrides=["data.batch_size=2", "data.num_workers=0", "eval_period=0", "log_period=1", "model.num_queries=10",
                                    "model.num_stages=2", "data.min_size=[64]", "data.max_size_cap=64"], progress=False)
 assert summary["iteration"] == 3 and (tmp / "run" / "last.pt").exists() and (tmp / "run" / "codec.pt").exists()
+
+# %% [markdown]
+# The set criterion's switches come from the config's `matching:` / `loss:` sections (Table 1b/1c), `mask_size` from the model:
+
+# %%
+from segbook.config import load_config
+cfg = load_config("../configs/istr_shapes_cpu.yaml", ["matching.mask_cost=dice", "loss.mask_loss=l2", "model.mask_head=raw"])
+crit = build_model(cfg).criterion
+assert (crit.matching.mask_cost, crit.matching.mask_size, crit.loss_cfg.mask_loss) == ("dice", cfg.model.get("mask_size", 28), "l2")
+try: build_model(load_config("../configs/transfiner_shapes_cpu.yaml", ["matching.mask_cost=dice"])); raise AssertionError("accepted")
+except ValueError as e: assert "model_type 'transfiner'" in str(e), e
 
 # %%
 m = eval_command(tmp / "run" / "last.pt", split="val", progress=False)

@@ -230,8 +230,7 @@ def fmt(v, missing:str="not stated") -> str:
 SET_WITH = {  # how a reader sets each owner's fields
     ISTRConfig: "YAML `model.{}`, model_type istr", TransfinerConfig: "YAML `model.{}`, model_type transfiner",
     SolverConfig: "YAML `solver.{}`", DataConfig: "YAML `data.{}`",
-    MatchingConfig: "`train_istr_variant(matching={{'{}': …}})`; not in the YAML",
-    SetLossConfig: "`train_istr_variant(loss={{'{}': …}})`; not in the YAML",
+    MatchingConfig: "YAML `matching.{}`, model_type istr", SetLossConfig: "YAML `loss.{}`, model_type istr",
     pca_fit_command: "`segbook pca-fit --{}`", boundary_dilation: "argument `{}`"}
 
 def set_with(s:Switch) -> str:

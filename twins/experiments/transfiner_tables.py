@@ -41,7 +41,7 @@ coco_root = None
 iters = 1
 batch_size = 2
 eval_images = 4
-refine_topk = 10  # detections refined per image, as the official code at test time; None = all
+refine_topk = 10  # detections refined per image, as the official code at test time; None: all
 finetune_iters = 0  # > 0: stage 2 of configs/transfiner_shapes_cpu_finetune.yaml (predicted training nodes) for this many iterations
 bench_iters = 3  # timed batch-1 calls per depth for Table 5 speed
 
