@@ -6,7 +6,7 @@ Docs: https://segbook.github.io/segbook/data.html.md"""
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'COCO_AREA_RNG', 'DatasetError', 'coco_paths', 'load_coco_json', 'annotation_problem',
-           'segmentation_to_rle', 'decode_masks', 'mask_boxes', 'CocoInstances', 'Compose', 'resized_shape',
+           'segmentation_to_rle', 'decode_masks', 'mask_boxes', 'read_rgb', 'CocoInstances', 'Compose', 'resized_shape',
            'ResizeShortestEdge', 'RandomHorizontalFlip', 'Normalize', 'build_transforms', 'collate',
            'render_ground_truth', 'browse', 'area_ranges', 'coco_statistics', 'find_coco_mini']
 
@@ -162,6 +162,12 @@ def mask_boxes(masks:torch.Tensor, # [N,H,W] binary
     return masks_to_boxes(masks.bool()).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 # %% ../nbs/01_data.ipynb #09b01695
+def read_rgb(path) -> torch.Tensor: # [3,H,W] uint8
+    "An image file as an RGB tensor (PIL decodes any format it knows; `np.array` copies, so the tensor is writable)."
+    with Image.open(path) as f:
+        return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+# %% ../nbs/01_data.ipynb #01d325f3
 class CocoInstances(torch.utils.data.Dataset):
     "COCO-format instance segmentation: `ds[i] -> (image [3,H,W] uint8, target dict)`, after `transforms`."
     def __init__(self, root, # dataset root (annotations/ and image folders)
@@ -227,8 +233,7 @@ class CocoInstances(torch.utils.data.Dataset):
         "The `i`-th sample before transforms; raises `DatasetError` on an unreadable or mis-sized image."
         im, path = self._images[i], self.image_path(i)
         try:
-            with Image.open(path) as f:
-                image = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+            image = read_rgb(path)
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{path}: cannot decode image (images id={im['id']}): {e}") from e
         h, w = im["height"], im["width"]

@@ -240,6 +240,14 @@ def mask_boxes(masks:torch.Tensor, # [N,H,W] binary
 
 # %%
 #| export
+def read_rgb(path) -> torch.Tensor: # [3,H,W] uint8
+    "An image file as an RGB tensor (PIL decodes any format it knows; `np.array` copies, so the tensor is writable)."
+    with Image.open(path) as f:
+        return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+# %%
+#| export
 class CocoInstances(torch.utils.data.Dataset):
     "COCO-format instance segmentation: `ds[i] -> (image [3,H,W] uint8, target dict)`, after `transforms`."
     def __init__(self, root, # dataset root (annotations/ and image folders)
@@ -305,8 +313,7 @@ class CocoInstances(torch.utils.data.Dataset):
         "The `i`-th sample before transforms; raises `DatasetError` on an unreadable or mis-sized image."
         im, path = self._images[i], self.image_path(i)
         try:
-            with Image.open(path) as f:
-                image = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+            image = read_rgb(path)
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{path}: cannot decode image (images id={im['id']}): {e}") from e
         h, w = im["height"], im["width"]

@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from segbook.config import TrainConfig, load_config, save_config
-from segbook.data import CocoInstances, build_transforms, collate, coco_paths
+from segbook.data import CocoInstances, build_transforms, collate, coco_paths, read_rgb
 
 
 # %% [markdown]
@@ -280,7 +280,7 @@ def predict_command(checkpoint, images:list, out, device="cpu", score_threshold:
     records, written = [], []
     for i, p in enumerate(tqdm(images, desc="predict", disable=not progress)):
         try:
-            img = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).contiguous()
+            img = read_rgb(p)
         except Exception as e:
             raise ValueError(f"{p}: cannot read image ({type(e).__name__}: {e})") from e
         h, w = img.shape[-2:]
