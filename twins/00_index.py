@@ -118,7 +118,10 @@
 #
 # `segbook train` fits the PCA codec on your training split when the config names none (the official
 # code only ships COCO's), takes the number of classes from your annotation file, writes checkpoints
-# atomically and resumes a killed run exactly (`OUT/last.pt`). `segbook bench --model CONFIG --vs
+# atomically and resumes a killed run exactly (`OUT/last.pt`). Every switch is a `key=value` override
+# of the YAML sections (`model.`, `data.`, `solver.`, and ISTR's `matching.` / `loss.`; a misspelt key
+# fails naming it): `matching.mask_cost=dice loss.mask_loss=l2` trains one row of ISTR's Table 1,
+# `weights=runs/a/last.pt` fine-tunes from another run. `segbook bench --model CONFIG --vs
 # maskrcnn_r50` times a model against torchvision's Mask R-CNN in the same run.
 #
 # Bad input fails early with the file and field named (a missing image, malformed JSON, an

@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -355,6 +356,23 @@ def write_table(path, # .md file to write
 
 # %%
 #| export
+def schedule_overrides(iters:int, # training iterations
+                       batch_size:int, # images per iteration
+                       seed:int) -> list: # `key=value` strings for load_config
+    "An experiment's short schedule: `iters` iterations, warm-up over the first tenth, one ×0.1 step at 80 %, no periodic eval."
+    return [f"solver.max_iters={iters}", f"data.batch_size={batch_size}", f"seed={seed}",
+            f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
+            "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
+
+def seconds_per_iter(run_dir) -> float|None:
+    "Median of the per-iteration times the engine logged (metrics.jsonl `time`), None when nothing was logged."
+    path = Path(run_dir) / "metrics.jsonl"
+    ts = [r["time"] for r in map(json.loads, path.read_text().splitlines()) if "time" in r] if path.exists() else []
+    return statistics.median(ts) if ts else None
+
+
+# %%
+#| export
 def train_istr_variant(config, # YAML file (e.g. configs/istr_shapes_cpu.yaml)
                        data_root, # COCO-layout root (the shapes set)
                        out_dir, # run folder (last.pt, metrics.jsonl, config.yaml, codec.pt)
@@ -371,9 +389,7 @@ def train_istr_variant(config, # YAML file (e.g. configs/istr_shapes_cpu.yaml)
     from segbook.data import collate
     from segbook.engine import build_train_loader, dist_info, resolve_device, seed_everything, train
     from segbook.pipeline import build_model, ensure_codec, eval_dataset, evaluate_model, train_dataset, with_dataset_classes
-    ov = [f"data.root={data_root}", f"solver.max_iters={iters}", f"data.batch_size={batch_size}", f"seed={seed}",
-          f"device={device}", f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
-          "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
+    ov = [f"data.root={data_root}", f"device={device}", *schedule_overrides(iters, batch_size, seed)]
     ov += [f"{section}.{k}={json.dumps(v)}" for section, d in (("model", model), ("matching", matching), ("loss", loss))
            for k, v in (d or {}).items()]
     cfg = load_config(config, ov)

@@ -44,7 +44,7 @@ eval_images = 4
 bench_iters = 5  # timed batch-1 calls per model (after 2 untimed)
 
 # %%
-import json, os, statistics, time
+import json, os, time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -56,36 +56,22 @@ from segbook.bench import istr_preprocess, latency_summary, time_alternately
 from segbook.config import load_config
 from segbook.engine import dist_info, resolve_device
 from segbook.pipeline import load_trained, train_command
-from segbook.reproduce import size_ranges, experiment_context, write_json_atomic, write_table, _repo_root
+from segbook.reproduce import (size_ranges, experiment_context, schedule_overrides, seconds_per_iter, write_json_atomic,
+                               write_table, _repo_root)
 from segbook.viz import save_figure
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
 CONFIGS = {"ISTR": _repo_root() / "configs" / "istr_shapes_cpu.yaml",
            "Mask R-CNN": _repo_root() / "configs" / "maskrcnn_shapes_cpu.yaml"}
 
-
 # %% [markdown]
 # ## One schedule, two models
 #
 # Both runs go through `segbook.pipeline.train_command` (what `segbook train` runs) with the same `key=value`
-# overrides: the schedule is rescaled to `iters` as in `train_istr_variant` (warm-up over the first tenth, one ×0.1
+# overrides, `segbook.reproduce.schedule_overrides`: the schedule rescaled to `iters` (warm-up over the first tenth, one ×0.1
 # step at 80 %), and the engine's final evaluation scores the first `eval_images` val images (box, mask, Boundary AP).
 
 # %%
-def schedule_overrides(iters:int, # training iterations
-                       batch_size:int, # images per iteration
-                       seed:int) -> list: # `key=value` strings for load_config
-    "The shared schedule: iterations, batch, warm-up over the first tenth, one x0.1 step at 80 %, no periodic eval."
-    return [f"solver.max_iters={iters}", f"data.batch_size={batch_size}", f"seed={seed}",
-            f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
-            "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
-
-def seconds_per_iter(run_dir) -> float|None:
-    "Median of the per-iteration times the engine logged (metrics.jsonl `time`), None when nothing was logged."
-    path = Path(run_dir) / "metrics.jsonl"
-    ts = [r["time"] for r in map(json.loads, path.read_text().splitlines()) if "time" in r] if path.exists() else []
-    return statistics.median(ts) if ts else None
-
 runs = {}
 for name, cfg_path in CONFIGS.items():
     run_dir = ctx.out / name.lower().replace(" ", "_").replace("-", "")

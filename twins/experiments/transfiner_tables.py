@@ -61,7 +61,7 @@ from segbook.engine import build_train_loader, dist_info, resolve_device, seed_e
 from segbook.incoherent import incoherent_pyramid
 from segbook.pipeline import build_model, eval_dataset, load_weights, train_dataset, with_dataset_classes
 from segbook.quadtree import build_quadtree, propagate, roi_pyramid_levels, select_nodes, trim_padding
-from segbook.reproduce import size_ranges, experiment_context, write_json_atomic, write_table, _repo_root
+from segbook.reproduce import size_ranges, experiment_context, schedule_overrides, seconds_per_iter, write_json_atomic, write_table, _repo_root
 from segbook.bench import latency_summary, time_alternately
 from segbook.evaluation import evaluate_coco, predictions_to_coco
 from segbook.transfiner import top_per_image, incoherence_metrics, pad_masks, roi_pyramid_features
@@ -89,10 +89,7 @@ FT_CONFIG = _repo_root() / "configs" / "transfiner_shapes_cpu_finetune.yaml"
 # %%
 def fit(config, iters, run_dir, extra=()):
     "Train `config` for `iters` iterations into `run_dir` (schedule rescaled as above); returns (cfg, model, summary)."
-    overrides = [f"data.root={ctx.shapes}", f"device={device}", f"solver.max_iters={iters}", f"data.batch_size={batch_size}",
-                 f"seed={seed}", f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
-                 "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0", *extra]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [f"data.root={ctx.shapes}", f"device={device}", *schedule_overrides(iters, batch_size, seed), *extra])
     seed_everything(cfg.seed)
     train_set = train_dataset(cfg)
     cfg = with_dataset_classes(cfg, train_set)
@@ -113,8 +110,7 @@ if finetune_iters:
                                f"solver.steps=[{2 * finetune_iters}]"])
     run_dirs.append(ctx.out / "model_ft")
 train_seconds, train_cpu_seconds = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
-times = sorted(json.loads(l)["time"] for l in (run_dirs[-1] / "metrics.jsonl").read_text().splitlines() if '"time"' in l)
-s_per_iter = times[len(times) // 2]  # median of the last stage's logged per-iteration times
+s_per_iter = seconds_per_iter(run_dirs[-1])  # the last stage's
 dev = resolve_device(device, dist_info())  # 'auto' -> cuda when there is one
 model = model.to(dev).eval()
 head, tcfg = model.head, model.cfg
