@@ -8,7 +8,7 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
            'merge_profile_results', 'reproduce_command', 'experiment_context', 'size_ranges', 'write_table',
-           'schedule_overrides', 'seconds_per_iter', 'train_istr_variant']
+           'schedule_overrides', 'logged', 'seconds_per_iter', 'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import json
@@ -271,10 +271,14 @@ def schedule_overrides(iters:int, # training iterations
             f"solver.warmup_iters={max(1, iters // 10)}", f"solver.steps=[{max(1, int(iters * 0.8))}]",
             "eval_period=0", f"checkpoint_period={iters}", f"log_period={max(1, iters // 10)}", "data.num_workers=0"]
 
+def logged(run_dir, key:str) -> list:
+    "Every value of `key` in the training lines the engine wrote to `run_dir`/metrics.jsonl, in order ([] without the file)."
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r] if path.exists() else []
+
 def seconds_per_iter(run_dir) -> float|None:
     "Median of the per-iteration times the engine logged (metrics.jsonl `time`), None when nothing was logged."
-    path = Path(run_dir) / "metrics.jsonl"
-    ts = [r["time"] for r in map(json.loads, path.read_text().splitlines()) if "time" in r] if path.exists() else []
+    ts = logged(run_dir, "time")
     return statistics.median(ts) if ts else None
 
 # %% ../nbs/12_reproduce.ipynb #5e895d16

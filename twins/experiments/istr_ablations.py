@@ -42,7 +42,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from segbook.reproduce import experiment_context, seconds_per_iter, train_istr_variant, write_json_atomic, write_table, _repo_root
+from segbook.reproduce import experiment_context, logged, seconds_per_iter, train_istr_variant, write_json_atomic, write_table, _repo_root
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
 CONFIG = _repo_root() / "configs" / "istr_shapes_cpu.yaml"
@@ -81,7 +81,7 @@ for i, name in enumerate(chosen):
         r = train_istr_variant(CONFIG, ctx.shapes, ctx.out / f"v{i:02d}", iters, batch_size, eval_images, seed, device, **kw)
         ev = r["eval"]["eval"]
         rows[name] = {"table": table, **{k: ev[k] for k in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")},
-                      "paper_APm": p_m, "paper_APb": p_b, "loss_last": (r["metrics"] or {}).get("loss"),
+                      "paper_APm": p_m, "paper_APb": p_b, "loss_last": (logged(ctx.out / f"v{i:02d}", "loss") or [None])[-1],
                       "s_per_iter": seconds_per_iter(ctx.out / f"v{i:02d}")}
     except Exception as e:  # one failing switch must not hide the others: recorded and shown in the table
         rows[name] = {"table": table, "error": f"{type(e).__name__}: {e}"[:300], "paper_APm": p_m, "paper_APb": p_b}
