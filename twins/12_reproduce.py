@@ -106,7 +106,9 @@ PROFILES = {
         "paper_vs_code": dict(),
     },
 }
-# `--only` chunks for the gpu profile, each meant to end within a 10-minute session.
+# `--only` chunks for the gpu profile, each meant to end within a 10-minute device command. The sizes are estimates
+# no GPU has run yet (cpu s/iteration scaled down); a chunk that is cut off can be run again with the same `--out`:
+# istr_ablations reuses every variant folder that finished (`train_istr_variant` resumes), so it goes on from there.
 GPU_CHUNKS = [["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency"],
               ["istr_ablations"], ["istr_stages"], ["compare_maskrcnn"], ["transfiner_tables"]]
 
