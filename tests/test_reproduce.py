@@ -19,8 +19,11 @@ def test_failure_reported_and_others_run(tmp_path):
     nbs = tmp_path / "nbs"; nbs.mkdir()
     _nb(nbs / "a_bad.ipynb", "raise ValueError('broken on purpose')")
     _nb(nbs / "b_good.ipynb", "import json, pathlib\npathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k, 'profile': profile}))")
+    stale = tmp_path / "out" / "figures" / "tables" / "from_an_earlier_run.md"
+    stale.parent.mkdir(parents=True); stale.write_text("old numbers")
     res = reproduce_command("t", tmp_path / "out", notebooks_dir=nbs, profiles={"t": {"a_bad": {}, "b_good": {"k": 5}}},
                             figures=tmp_path / "figs", progress=False)
+    assert not (tmp_path / "figs" / "tables" / "from_an_earlier_run.md").exists()  # a reused --out gathers only this run's
     assert res["failed"] == ["a_bad"]
     bad = res["notebooks"]["a_bad"]
     assert bad["status"] == "failed" and bad["error"] == "ValueError" and "broken on purpose" in bad["message"]

@@ -241,7 +241,9 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
     if unknown:
         raise ValueError(f"--only {unknown}: no such notebook in {nb_dir} (have {sorted(p.stem for p in nb_dir.glob('*.ipynb'))})")
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
-    fig_out = out / "figures"; fig_out.mkdir(parents=True, exist_ok=True)
+    # only this invocation's figures are gathered: an --out reused from an earlier run (another chunk, older code)
+    # must not copy its stale tables over newer ones
+    fig_out = out / "figures"; shutil.rmtree(fig_out, ignore_errors=True); fig_out.mkdir(parents=True)
     if data is not None and not (Path(data) / "annotations").is_dir():
         raise FileNotFoundError(f"--data {data}: no annotations/ folder (expected a COCO root such as shared/coco-mini)")
     t_run = time.perf_counter()
