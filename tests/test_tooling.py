@@ -60,3 +60,18 @@ def test_cli_help_lists_subcommands():
     text = build_parser().format_help()
     for cmd in ("data", "pca-fit", "train", "eval", "predict", "bench", "reproduce"):
         assert cmd in text
+
+
+def test_committed_run_records_are_complete():
+    "Every figures/results/*.json is a tools/record_run.py record: commands, commit, device, curve and evaluations."
+    import json
+    recs = sorted((REPO / "figures" / "results").glob("*.json"))
+    assert recs, "no committed run records"
+    for p in recs:
+        rec = json.loads(p.read_text())
+        missing = [k for k in ("commands", "git", "device", "training", "evaluations") if not rec.get(k)]
+        assert not missing, f"{p.name}: missing {missing}; write it with tools/record_run.py"
+        assert rec["git"].get("commit"), f"{p.name}: no git commit"
+        for split, m in rec["evaluations"].items():
+            for k in ("bbox_AP", "segm_AP", "boundary_AP"):
+                if k in m: assert 0 <= m[k] <= 1, f"{p.name}: evaluations.{split}.{k}={m[k]}"

@@ -602,6 +602,9 @@ if VAL_JSON.exists():
 # %%
 RESULTS = Path("../figures/results") if Path("../figures/results").is_dir() else Path("figures/results")
 records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*shapes*.json"))} if RESULTS.is_dir() else {}
+for name, rec in records.items():  # a record without its commands, commit or evaluations is not evidence
+    missing = [k for k in ("commands", "git", "training", "evaluations") if not rec.get(k)]
+    assert not missing, f"{RESULTS / name}.json: missing {missing}; write records with tools/record_run.py"
 rows = []
 for name, rec in records.items():
     for split, m in rec["evaluations"].items():
@@ -611,5 +614,4 @@ head = ["run", "eval", "iters"] + [f"{t} {s}" for t in ("box", "mask", "bnd") fo
 print(" | ".join(head)); print("\n".join(" | ".join(map(str, r)) for r in rows) or "no records in figures/results/")
 
 # %%
-for rec in records.values():  # a record without its commands or commit is not evidence
-    assert rec["commands"] and rec["git"].get("commit") and rec["evaluations"]
+for rec in records.values(): assert rec["git"].get("commit") and all(rec["evaluations"].values())
