@@ -460,10 +460,12 @@ for bad, msg in [(dict(model="resnet_nope"), "neither a segbook config"), (dict(
 #
 # (the same as `segbook bench --model configs/istr_r50_coco.yaml --vs maskrcnn_r50 --device cpu --size 512x512 --iters 10 --warmup 2 --out ...`).
 # The `*_1thread.json` runs put `torch.set_num_threads(1)` before the call. On this machine, where
-# other jobs keep the load average at 5–8 on 2 cores, torch's default of 2 OpenMP threads makes every
-# call several times slower and very noisy (ISTR-shapes at 128×128: 0.6 s alone on 1 thread, a 4.7 s
-# median on 2 threads under load), so the 1-thread runs are the ones to read; the `threads` and
-# `load_average` fields of each JSON say how it ran. `bench_table` turns the files into
+# other jobs often keep the load average at 5–8 on 2 cores, torch's default of 2 OpenMP threads makes every
+# call many times slower and very noisy (ISTR-shapes at 128×128: a 4.7 s median on 2 threads under load, 67 ms
+# on 1 thread on the idle machine), so the 1-thread runs are the ones to read. Both `*_1thread.json` files were
+# re-measured on 2026-11-23 at a load average of 0.2–0.8: ISTR R50 3.07 s vs Mask R-CNN 4.10 s at 512² (1.34×,
+# the same ratio as under load, absolute times 4.5× lower). The `threads` and `load_average` fields of each
+# JSON say how it ran. `bench_table` turns the files into
 # `figures/tables/bench_cpu.md`.
 
 # %%
