@@ -8,7 +8,7 @@ Docs: https://segbook.github.io/segbook/evaluation.html.md"""
 # %% auto #0
 __all__ = ['IOU_TYPES', 'STAT_NAMES', 'encode_masks', 'predictions_to_coco', 'save_coco_results', 'load_coco', 'run_cocoeval',
            'boundary_dilation', 'boundary_band', 'boundary_band_rle', 'boundary_iou', 'BoundaryCOCOeval',
-           'evaluate_coco', 'perturbed_ground_truth', 'squares_dataset']
+           'coco_evaluator', 'evaluate_coco', 'perturbed_ground_truth', 'squares_dataset']
 
 # %% ../nbs/09_evaluation.ipynb #51af231b
 import contextlib
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from faster_coco_eval import COCOeval_faster
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -212,6 +213,18 @@ class BoundaryCOCOeval(COCOeval):
             ious[:, plain] = np.minimum(ious[:, plain], bious)
         return ious
 
+# %% ../nbs/09_evaluation.ipynb #797ee126
+def coco_evaluator(coco_gt:COCO, # ground truth
+                   coco_dt:COCO, # detections (`_detections`)
+                   iou_type:str, # 'bbox', 'segm' or 'boundary'
+                   dilation_ratio:float=0.02, # Boundary IoU band width / image diagonal (B1)
+                   reference:bool=False, # bbox/segm with pycocotools' COCOeval instead of faster-coco-eval
+                  ) -> COCOeval: # not yet run: hand it to `run_cocoeval`
+    "The COCO evaluator `evaluate_coco` uses: faster-coco-eval's C++ COCOeval for bbox/segm, `BoundaryCOCOeval` for boundary."
+    if iou_type == "boundary": return BoundaryCOCOeval(coco_gt, coco_dt, dilation_ratio)
+    if iou_type not in ("bbox", "segm"): raise ValueError(f"iou_type: unknown {iou_type!r}; choose from {IOU_TYPES}")
+    return COCOeval(coco_gt, coco_dt, iouType=iou_type) if reference else COCOeval_faster(coco_gt, coco_dt, iouType=iou_type)
+
 # %% ../nbs/09_evaluation.ipynb #1adfa273
 def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
                   results:list, # COCO result dicts (`predictions_to_coco`); may be empty
@@ -219,7 +232,7 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
                   image_ids=None, # evaluate on these image ids only (default: every ground-truth image)
                   dilation_ratio:float=0.02, # Boundary IoU band width / image diagonal (B1)
                  ) -> dict: # {iou_type: {'AP','AP50','AP75','APs','APm','APl', ..., 'stats': [12 floats]}}
-    "COCO box/mask AP and Boundary AP of `results` against `gt` with pycocotools."
+    "COCO box/mask AP and Boundary AP of `results` against `gt` (evaluators: `coco_evaluator`)."
     coco_gt = load_coco(gt)
     unknown = set(iou_types) - set(IOU_TYPES)
     if unknown: raise ValueError(f"iou_types: unknown {sorted(unknown)}; choose from {IOU_TYPES}")
@@ -228,8 +241,7 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
     for iou_type in iou_types:
         kind = "bbox" if iou_type == "bbox" else "segm"
         if kind not in dets: dets[kind] = _detections(coco_gt, results, iou_type)
-        ev = BoundaryCOCOeval(coco_gt, dets[kind], dilation_ratio) if iou_type == "boundary" else \
-             COCOeval(coco_gt, dets[kind], iouType=kind)
+        ev = coco_evaluator(coco_gt, dets[kind], iou_type, dilation_ratio)
         ev.params.areaRng = [rng[k] for k in ("all", "small", "medium", "large")]  # S/M/L of the data set
         out[iou_type] = run_cocoeval(ev, image_ids)
     return out
@@ -238,13 +250,15 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
 def perturbed_ground_truth(gt, # ground truth: path, dict or COCO
                            pixels:int, # > 0: dilate each mask by this many pixels (3x3 steps); < 0: erode
                            image_ids=None, # only these images (default: all)
-                           seed:int=0) -> list: # COCO results: one per non-crowd GT, random score
+                           seed:int=0, # seed of the random scores
+                           shift:tuple=(0, 0), # (dy, dx): then move each mask by this many pixels (cut at the image border)
+                          ) -> list: # COCO results: one per non-crowd GT, random score
     "Ground-truth masks with a boundary-only error, as COCO results (for testing and benchmarking evaluators)."
     coco = load_coco(gt)
     rng = np.random.default_rng(seed)
     ids = sorted(coco.getImgIds() if image_ids is None else image_ids)
     anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=ids)) if not a.get("iscrowd", 0)]
-    k = abs(int(pixels))
+    k, (dy, dx) = abs(int(pixels)), (int(shift[0]), int(shift[1]))
     results = []
     for ann, score in zip(anns, rng.uniform(0.05, 1.0, len(anns))):
         m = coco.annToMask(ann).astype(bool)
@@ -254,10 +268,18 @@ def perturbed_ground_truth(gt, # ground truth: path, dict or COCO
             c0, c1 = max(cols[0] - k, 0), min(cols[-1] + k + 1, m.shape[1])
             op = ndimage.maximum_filter if pixels > 0 else ndimage.minimum_filter  # k 3x3 steps = one (2k+1)^2 square
             m[r0:r1, c0:c1] = op(m[r0:r1, c0:c1].view(np.uint8), size=2 * k + 1, mode="constant", cval=0).view(bool)
+        if dy or dx: m = _shifted(m, dy, dx)
         rle = encode_masks(m[None])[0]
         results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": float(score),
                         "segmentation": rle, "bbox": mask_utils.toBbox(rle).tolist()})
     return results
+
+def _shifted(m:np.ndarray, dy:int, dx:int) -> np.ndarray:
+    "[H,W] mask moved down by `dy` and right by `dx` pixels (negative: up/left); what leaves the image is lost."
+    h, w = m.shape
+    out = np.zeros_like(m)
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = m[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
 
 def squares_dataset(n_images:int, side:int, size:int=200) -> dict:
     "A COCO dict with one centred `side`x`side` square per `size`x`size` image (category 1)."

@@ -12,9 +12,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
+from faster_coco_eval import COCOeval_faster
+
 from segbook.evaluation import (IOU_TYPES, BoundaryCOCOeval, _detections, boundary_band, boundary_dilation,
-                                boundary_iou, encode_masks, evaluate_coco, load_coco, perturbed_ground_truth,
-                                predictions_to_coco, save_coco_results, squares_dataset)
+                                boundary_iou, coco_evaluator, encode_masks, evaluate_coco, load_coco,
+                                perturbed_ground_truth, predictions_to_coco, run_cocoeval, save_coco_results,
+                                squares_dataset)
 
 COCO_MINI = Path(os.environ.get("SEGBOOK_COCO_MINI", Path(__file__).resolve().parents[2] / "shared" / "coco-mini"))
 VAL_JSON = COCO_MINI / "annotations" / "instances_val2017.json"
@@ -252,3 +255,79 @@ def test_size_buckets_follow_the_data_sets_area_rng():
     gt["info"] = {"area_rng": {"all": [0, 1e10], "small": [0, 50], "medium": [50, 300], "large": [300, 1e10]}}
     own = evaluate_coco(gt, exact, ("segm", "boundary"))
     assert own["segm"]["APl"] == 1 and own["segm"]["APs"] == -1 and own["boundary"]["APl"] == 1
+
+
+# ---------------------------------------------------------------- backends: faster-coco-eval vs the references
+def reference_stats(coco_gt, results, iou_type):
+    "12 stats from the reference: pycocotools' COCOeval (bbox, segm), segbook's BoundaryCOCOeval (boundary)."
+    dets = _detections(coco_gt, results, iou_type)
+    ev = BoundaryCOCOeval(coco_gt, dets) if iou_type == "boundary" else COCOeval(coco_gt, dets, iouType=iou_type)
+    return run_cocoeval(ev)["stats"]
+
+
+def error_sets(gt):
+    "Prediction sets with boundary errors, a shift, missed objects and false positives (duplicates, wrong class)."
+    moved = perturbed_ground_truth(gt, -1, seed=5, shift=(5, -6))
+    wrong = [{**r, "category_id": c} for i, r in enumerate(perturbed_ground_truth(gt, 0, seed=6)[::3])
+             for c in ([3 - r["category_id"]] if i % 2 else [99])]  # the other class, or one without ground truth
+    return {"eroded": perturbed_ground_truth(gt, -2, seed=1), "dilated": perturbed_ground_truth(gt, 1, seed=2),
+            "shifted": perturbed_ground_truth(gt, 0, seed=3, shift=(1, 1)),
+            "noisy": perturbed_ground_truth(gt, 1, seed=4)[3:] + moved + wrong}
+
+
+def mixed_squares():
+    "Squares of sides 8..120 in 200x200 images (small, medium and large), two categories, one crowd region."
+    gt = squares_dataset(12, 8)
+    for i, side in enumerate((20, 40, 60, 90, 120)):
+        part = squares_dataset(3, side)
+        off = len(gt["images"])
+        gt["images"] += [{**im, "id": im["id"] + off} for im in part["images"]]
+        gt["annotations"] += [{**a, "id": a["id"] + off, "image_id": a["image_id"] + off,
+                               "category_id": 1 + i % 2, "iscrowd": int(i == 4 and a["id"] == 1)} for a in part["annotations"]]
+    gt["categories"] = [{"id": 1, "name": "square"}, {"id": 2, "name": "other"}, {"id": 99, "name": "unused"}]
+    return gt
+
+
+@pytest.mark.parametrize("iou_type", IOU_TYPES)
+def test_evaluate_coco_backend_equals_reference_on_squares(iou_type):
+    gt = mixed_squares()
+    coco_gt = load_coco(gt)
+    for name, results in error_sets(gt).items():
+        ref = reference_stats(coco_gt, results, iou_type)
+        got = evaluate_coco(gt, results, (iou_type,))[iou_type]["stats"]
+        assert np.allclose(got, ref, atol=1e-4, rtol=0), (name, got, ref)
+        assert 0 < ref[0] < 1, (name, ref)  # the set is neither perfect nor empty: the comparison can fail
+        if iou_type == "boundary":  # and faster-coco-eval's own boundary agrees with BoundaryCOCOeval
+            fast = run_cocoeval(COCOeval_faster(coco_gt, _detections(coco_gt, results, "boundary"), iouType="boundary"))
+            assert np.allclose(fast["stats"], ref, atol=1e-4, rtol=0), (name, fast["stats"], ref)
+
+
+def test_coco_evaluator_picks_the_backend():
+    gt = load_coco(squares_dataset(2, 30))
+    dets = _detections(gt, perturbed_ground_truth(gt, 0), "segm")
+    assert type(coco_evaluator(gt, dets, "segm")) is COCOeval_faster
+    assert type(coco_evaluator(gt, dets, "bbox", reference=True)) is COCOeval
+    assert type(coco_evaluator(gt, dets, "boundary")) is BoundaryCOCOeval
+    with pytest.raises(ValueError, match="iou_type"):
+        coco_evaluator(gt, dets, "mask")
+
+
+def test_perturbed_ground_truth_shift():
+    gt = squares_dataset(1, 20, size=50)  # square at rows/cols 15..34
+    m = mask_utils.decode(perturbed_ground_truth(gt, 0, shift=(2, -3))[0]["segmentation"]).astype(bool)
+    assert m.sum() == 400 and m[17:37, 12:32].all()
+    edge = mask_utils.decode(perturbed_ground_truth(gt, 0, shift=(0, 30))[0]["segmentation"]).astype(bool)
+    assert edge.sum() == 20 * 5 and edge[15:35, 45:50].all()  # what leaves the image is lost
+
+
+@pytest.mark.skipif(not VAL_JSON.exists(), reason="coco-mini not available")
+def test_coco_mini_backend_equals_reference():
+    coco = load_coco(VAL_JSON)
+    ids = sorted(coco.getImgIds())[:25]
+    sub = {"images": [coco.imgs[i] for i in ids], "categories": coco.dataset["categories"],
+           "annotations": [a for a in coco.dataset["annotations"] if a["image_id"] in set(ids)]}
+    results = perturbed_ground_truth(sub, 1, seed=7, shift=(1, 2))[5:]
+    got = evaluate_coco(sub, results)
+    ref_gt = load_coco(sub)
+    for t in IOU_TYPES:
+        assert np.allclose(got[t]["stats"], reference_stats(ref_gt, results, t), atol=1e-4, rtol=0), t
