@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm.auto import tqdm
 
-from .config import ConfigError, SolverConfig, TrainConfig, config_to_dict, save_config
+from .config import ConfigError, SolverConfig, TrainConfig, config_to_dict, save_config, scale_lr_to_batch
 
 # %% ../nbs/10_engine.ipynb #b8a09ead
 def seed_everything(seed:int, # one seed for Python, NumPy and torch (all devices)
@@ -302,6 +302,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
           find_unused_parameters:bool=False, # passed to DistributedDataParallel
          ) -> dict:
     "Train `model` for `cfg.solver.max_iters` iterations; returns the last iteration, checkpoint, metrics and eval."
+    cfg = scale_lr_to_batch(cfg)  # solver.reference_batch > 0 in a TrainConfig built in code (no-op after load_config)
     info, sol, out_dir = dist_info(), cfg.solver, Path(out_dir)
     device = resolve_device(cfg.device, info)
     if sol.amp not in ("none", "bf16", "fp16"): raise ConfigError(f"solver.amp: '{sol.amp}' is not none/bf16/fp16")
@@ -324,6 +325,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         optimizer.load_state_dict(ck["optimizer"]); scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         start = ck["iteration"]
+        if info.is_main: print(f"[resume] {last}: iteration {start} of {sol.max_iters}", flush=True)
         if ck["data"]["world_size"] != info.world_size or ck["data"]["per_rank_batch"] != per_rank_batch:
             warnings.warn(f"{last}: saved with {ck['data']['world_size']} processes x {ck['data']['per_rank_batch']}"
                           f" images, resumed with {info.world_size} x {per_rank_batch}: data order and RNG not exact")
@@ -333,8 +335,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         if changed:
             warnings.warn(f"{last}: solver.{', solver.'.join(changed)} differ from the checkpoint's; the optimizer "
                           "and schedule continue with the checkpoint's settings (only max_iters may change)")
-    else:
-        if resume: warnings.warn(f"resume: no {last}; starting from iteration 0")
+    else:  # a fresh run (also with resume=True and no checkpoint yet): nothing to say
         seed_everything(cfg.seed + info.rank)
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "set_start"): sampler.set_start(start * per_rank_batch)

@@ -88,8 +88,9 @@ def load_istr_config(path:str|Path, # YAML file with a `model:` section
                      overrides:list|tuple=()) -> ISTRConfig: # 'key=value' strings (values parsed as YAML)
     "Read an `ISTRConfig` from the `model:` section of a YAML file, then apply `key=value` overrides."
     import yaml
+    from segbook.config import read_config_file
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_config_file(path)  # with its `_base_` chain merged
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ValueError(f"{path}: expected a mapping with a 'model:' section")
     d = dict(raw["model"])

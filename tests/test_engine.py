@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from segbook import engine
-from segbook.config import ConfigError, DataConfig, SolverConfig, TrainConfig
+from segbook.config import ConfigError, DataConfig, SolverConfig, TrainConfig, load_config
 from segbook.engine import (ResumableSampler, SeededSamples, WarmupStepSchedule, atomic_save, build_optimizer,
                             build_scheduler, build_train_loader, load_checkpoint, param_groups, seed_everything,
                             total_loss, train)
@@ -260,9 +261,25 @@ def test_resume_with_changed_solver_warns(tmp_path):
         toy_run(tmp_path, cfg, resume=True)
 
 
-def test_resume_without_checkpoint_warns(tmp_path):
-    with pytest.warns(UserWarning, match="no .*last.pt"):
-        toy_run(tmp_path, toy_cfg(1), resume=True)
+def test_fresh_run_starts_quietly_and_a_resumed_one_says_so(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        toy_run(tmp_path, toy_cfg(2), resume=True)  # what `segbook train` passes: resume if there is a checkpoint
+    assert "resume" not in capsys.readouterr().out
+    toy_run(tmp_path, toy_cfg(4), resume=True)
+    assert f"[resume] {tmp_path / 'last.pt'}: iteration 2 of 4" in capsys.readouterr().out
+
+
+def test_lr_scaled_by_global_batch_in_train(tmp_path, capsys):
+    "A TrainConfig built in code with solver.reference_batch: train applies the linear rule once and saves the result."
+    cfg = toy_cfg(3, batch_size=8, log_period=1)
+    cfg.solver.reference_batch, cfg.solver.warmup_iters = 2, 0  # lr 1e-3 x 8 / 2
+    _, result = toy_run(tmp_path, cfg)
+    assert result["metrics"]["lr"] == pytest.approx(4e-3) and "solver.lr 0.001 -> 0.004" in capsys.readouterr().out
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.solver.lr == pytest.approx(4e-3) and saved.solver.reference_batch == 0
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["solver"]["lr"] == pytest.approx(4e-3)
+    assert cfg.solver.lr == 1e-3  # the caller's config is not modified
 
 
 _KILL_SCRIPT = """

@@ -24,6 +24,7 @@
 #| export
 import dataclasses
 import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class SolverConfig:
     steps: list = field(default_factory=lambda: [210000, 250000])  # lr x gamma at each of these iterations
     gamma: float = 0.1
     max_iters: int = 270000
+    reference_batch: int = 0  # > 0: lr x data.batch_size / reference_batch (linear scaling rule); 0: off (or already applied)
     clip_grad_norm: float = 1.0  # max L2 norm of all gradients together; 0 switches clipping off
     amp: str = "none"  # 'none' | 'bf16' | 'fp16' (CUDA only; CPU always runs fp32)
 
@@ -198,23 +200,183 @@ def apply_override(raw:dict, # the mapping read from YAML (modified in place)
     node[parts[-1]] = value
     return raw
 
-def load_config(path=None, # YAML file, or None for the defaults
+
+# %% [markdown]
+# ## Inheritance: `_base_`
+#
+# A config may start with `_base_: other.yaml` (or a list of files), read relative to the including
+# file, so a variant says only what it changes (`configs/istr_r101_coco.yaml` is `istr_r50_coco.yaml`
+# with another backbone). Bases are read first and may have bases of their own, to any depth; a file
+# that includes itself through the chain is an error naming every file of the cycle, and a missing
+# base is an error naming the file that asked for it. Merging is a recursive dict update: a mapping
+# (`model:`, `solver:`, ...) merges key by key, anything else — lists included — is replaced whole,
+# so a child's `steps: [500]` never mixes with its base's steps. Each file's own keys are checked
+# against `TrainConfig` before merging, so a typo is blamed on the file that has it.
+
+# %%
+#| export
+BASE_KEY = "_base_"
+
+def merge_config(base:dict, # the mapping read first
+                 child:dict, # the mapping that wins
+                ) -> dict:
+    "`child` over `base`: mappings merge key by key (recursively), anything else — lists included — is replaced."
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def read_config_file(path, # YAML file; its `_base_` files are read first, relative to it
+                     _chain:tuple=(), # resolved paths of the files that include this one
+                    ) -> dict:
+    "The raw mapping of `path` with its `_base_` chain merged under it (no `_base_` key left)."
+    path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = _chain[_chain.index(here):] + (here,)
+        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(str(p) for p in cycle)}")
+    if not path.exists(): raise ConfigError(f"{path}: no such config file")
+    try: raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: '<top level>' must be a mapping, got {type(raw).__name__}")
+    bases = raw.pop(BASE_KEY, None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not (isinstance(bases, list) and all(isinstance(b, str) and b for b in bases)):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a file name or a list of file names, got {bases!r}")
+    _check_criterion(_from_dict(TrainConfig, raw, str(path)), str(path))  # this file's own keys, blamed on it
+    merged = {}
+    for b in bases:
+        bp = Path(b).expanduser()
+        if not bp.is_absolute(): bp = path.parent / bp
+        if not bp.exists(): raise ConfigError(f"{path}: {BASE_KEY} '{b}' not found ({bp})")
+        merged = merge_config(merged, read_config_file(bp, _chain + (here,)))
+    return merge_config(merged, raw)
+
+
+# %% [markdown]
+# ## Schedules follow `max_iters`
+#
+# A file's warm-up and lr steps are written for its `max_iters`. Shortening a run with
+# `solver.max_iters=300` (or `segbook train --max-iters 300`, which passes that override) while the
+# steps stay at `[2000, 2300]` would train 300 iterations without ever decaying — a different recipe,
+# silently. So when an override changes `max_iters` and the same override list does not set
+# `solver.steps` (or `solver.warmup_iters`) itself, those are scaled by the ratio of the new to the
+# old `max_iters` and rounded. Steps stay increasing and inside the run, in `[1, max_iters - 1]` (two that
+# round to the same iteration become one; steps the file placed at or past its own `max_iters` were never
+# reached and are dropped); the warm-up stays ≥ 0.
+# Steps or warm-up given explicitly are kept as given. One line says what changed, and the run's
+# `config.yaml` holds the effective values, so reading it again changes nothing.
+
+# %%
+#| export
+def rescale_schedule(solver:SolverConfig, # settings whose max_iters has already been changed
+                     old_max_iters:int, # the max_iters that steps and warmup_iters were written for
+                     keep_steps:bool=False, # steps given explicitly: leave them
+                     keep_warmup:bool=False, # warmup_iters given explicitly: leave it
+                    ) -> SolverConfig:
+    "`solver` with warm-up and lr steps scaled by `max_iters / old_max_iters` (rounded; steps increasing, < max_iters)."
+    new = solver.max_iters
+    if old_max_iters <= 0 or new == old_max_iters: return solver
+    r = new / old_max_iters
+    steps = solver.steps
+    if not keep_steps:  # a step inside the old run lands in [1, new - 1]; one it never reached is dropped
+        steps = sorted({s if s <= 0 else min(max(1, round(s * r)), new - 1)
+                        for s in solver.steps if s < old_max_iters and (s <= 0 or new >= 2)})
+    warmup = solver.warmup_iters if keep_warmup else max(0, round(solver.warmup_iters * r))
+    return dataclasses.replace(solver, steps=steps, warmup_iters=warmup)
+
+def _schedule_line(before:SolverConfig, after:SolverConfig, keep_steps:bool, keep_warmup:bool) -> str:
+    "The one line `load_config` prints when `max_iters` changed."
+    steps = f"solver.steps {before.steps} kept (given)" if keep_steps else f"solver.steps {before.steps} -> {after.steps}"
+    warm = (f"warmup_iters {before.warmup_iters} kept (given)" if keep_warmup
+            else f"warmup_iters {before.warmup_iters} -> {after.warmup_iters}")
+    return f"[config] solver.max_iters {before.max_iters} -> {after.max_iters}: {steps}, {warm}"
+
+
+# %% [markdown]
+# ## Linear learning-rate scaling with the batch
+#
+# Goyal et al.'s linear scaling rule (detectron2's `REFERENCE_WORLD_SIZE`, mmdetection's
+# `--auto-scale-lr`): when `solver.reference_batch` is > 0, the file's `lr` is the lr *for that batch*
+# and the run uses `lr × B / reference_batch`, where `B` is the global batch. Here `data.batch_size` **is** the
+# global batch — each of the `W` processes of a torchrun job loads `data.batch_size / W` images, so
+# `B = (data.batch_size / W) × W = data.batch_size` — hence the same file gives the same lr on 1 or 8
+# GPUs, and the rule matters when you change `data.batch_size` (a CPU run at batch 2 of a recipe
+# written for 16: lr / 8). Only the lr is scaled, as mmdetection does: iterations, warm-up and steps
+# are what the file (or `--max-iters`, above) says. detectron2 also divides the iterations by the
+# factor to keep the number of epochs; with `--max-iters` choosing the budget here that would fight
+# the user. The effective config has the scaled `lr` and `reference_batch: 0` ("applied"), so a run's
+# `config.yaml` read again is not scaled twice. The line is printed by the main process only (`RANK`
+# 0, which torchrun sets before the process group exists). `segbook.engine.train` applies the same
+# function to a `TrainConfig` built in code, where it is a no-op for one that came from `load_config`.
+
+# %%
+#| export
+def _is_main_process() -> bool:
+    "Rank 0, or no torchrun (`RANK` is set by torchrun before the process group is joined)."
+    return int(os.environ.get("RANK", "0")) == 0
+
+def scale_lr_to_batch(cfg:TrainConfig,
+                      verbose:bool=True, # print the one line (main process only)
+                     ) -> TrainConfig:
+    "`cfg` with `solver.lr × data.batch_size / solver.reference_batch` when that is > 0, and reference_batch 0 (applied)."
+    ref = cfg.solver.reference_batch
+    if ref < 0: raise ConfigError(f"solver.reference_batch: expected >= 0 (0 = off), got {ref}")
+    if ref == 0: return cfg
+    lr = cfg.solver.lr * cfg.data.batch_size / ref
+    if verbose and _is_main_process():
+        print(f"[config] solver.lr {cfg.solver.lr:g} -> {lr:g}: linear scaling with the global batch "
+              f"(data.batch_size {cfg.data.batch_size} / solver.reference_batch {ref})", flush=True)
+    return dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, lr=lr, reference_batch=0))
+
+
+# %% [markdown]
+# ## Loading: the order
+#
+# `load_config(path, overrides)` builds the effective config in this order, each later step winning:
+#
+# 1. the `TrainConfig` defaults;
+# 2. the `_base_` chain, deepest base first, then each including file up to `path`;
+# 3. the `key=value` overrides, in the order given (`segbook train` appends `--data`, `--device` and
+#    `--max-iters` as `data.root=`, `device=`, `solver.max_iters=` after the ones you typed);
+# 4. derived values: the schedule rescaled when the overrides changed `max_iters`, then the lr scaled
+#    by the batch when `solver.reference_batch` > 0.
+
+# %%
+#| export
+def _given_keys(overrides) -> set:
+    "Dotted keys the overrides set; a section given as a mapping (`solver={...}`) counts for each of its keys."
+    keys = set()
+    for o in overrides:
+        k, _, text = o.partition("=")
+        k = k.strip(); keys.add(k)
+        v = yaml.safe_load(text) if text.strip() else None
+        if isinstance(v, dict): keys |= {f"{k}.{sub}" for sub in v}
+    return keys
+
+def load_config(path=None, # YAML file (may start with `_base_: other.yaml`), or None for the defaults
                 overrides:list=(), # 'dotted.key=value' strings applied after the file
+                verbose:bool=True, # print a line for each derived change (rescaled schedule, scaled lr)
                ) -> TrainConfig:
-    "Read a `TrainConfig` from `path` (YAML) and apply `overrides`; unknown keys raise `ConfigError`."
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists(): raise ConfigError(f"{path}: no such config file")
-        try: raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = _check_criterion(_from_dict(TrainConfig, raw, str(path) if path else "<defaults>"), str(path) if path else "<defaults>")
+    "Read a `TrainConfig` from `path` (YAML, `_base_` chain merged) and apply `overrides`; unknown keys raise `ConfigError`."
+    source = str(path) if path is not None else "<defaults>"
+    raw = read_config_file(path) if path is not None else {}
+    cfg = _check_criterion(_from_dict(TrainConfig, raw, source), source)
     # overrides start from the checked file so that a bad override is blamed on the override
     merged = dataclasses.asdict(cfg)
     for o in overrides:
         apply_override(merged, o)
         _check_criterion(_from_dict(TrainConfig, merged, f"override '{o}'"), f"override '{o}'")
-    return _from_dict(TrainConfig, merged, "overrides")
+    out = _from_dict(TrainConfig, merged, "overrides")
+    if out.solver.max_iters != cfg.solver.max_iters:
+        given = _given_keys(overrides)
+        keep = "solver.steps" in given, "solver.warmup_iters" in given
+        solver = rescale_schedule(out.solver, cfg.solver.max_iters, *keep)
+        if verbose and _is_main_process() and not all(keep):  # nothing derived when both were given
+            print(_schedule_line(dataclasses.replace(out.solver, max_iters=cfg.solver.max_iters), solver, *keep), flush=True)
+        out = dataclasses.replace(out, solver=solver)
+    return scale_lr_to_batch(out, verbose)
 
 def _check_criterion(cfg:TrainConfig, source:str) -> TrainConfig:
     "`matching:` and `loss:` hold fields of ISTR's `MatchingConfig` / `SetLossConfig`: checked here like the other sections."
@@ -232,12 +394,16 @@ def config_to_dict(cfg:TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 def save_config(cfg:TrainConfig, path) -> Path:
-    "Write `cfg` as YAML to `path` (temp file + rename); `load_config(path)` gives it back."
+    "Write the effective `cfg` as YAML to `path` (unique temp file + rename); `load_config(path)` gives it back."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f: f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -247,6 +413,7 @@ def save_config(cfg:TrainConfig, path) -> Path:
 # A tiny CPU run's file, two overrides, and what an unknown key looks like.
 
 # %%
+import math
 import tempfile
 d = Path(tempfile.mkdtemp())
 (d / "tiny.yaml").write_text("""
@@ -261,6 +428,17 @@ cfg.solver, cfg.model
 # %%
 try: load_config(d / "tiny.yaml", ["solver.lrr=0.1"])
 except ConfigError as e: print(e)
+
+# %% [markdown]
+# A variant over `tiny.yaml` and one over that: the chain is merged before the overrides. Shortening the
+# grandchild to 30 iterations rescales its steps and warm-up; asking for batch 8 against a
+# `reference_batch` of 4 doubles the lr.
+
+# %%
+(d / "wide.yaml").write_text("_base_: tiny.yaml\nmodel: {hidden_dim: 128}\nsolver: {steps: [60, 90]}\n")
+(d / "wide_fast.yaml").write_text("_base_: wide.yaml\nsolver: {lr: 2e-4, reference_batch: 4}\n")
+short = load_config(d / "wide_fast.yaml", ["solver.max_iters=30", "data.batch_size=8"])
+short.model, short.solver.lr, short.solver.steps, short.solver.warmup_iters, short.solver.reference_batch
 
 # %% [markdown]
 # ## Tests
@@ -283,3 +461,17 @@ assert load_config(d / "tiny.yaml", ["matching.mask_cost=dice", "loss.mask_loss=
 (d / "typo.yaml").write_text("solver:\n  wramup_iters: 5\n")
 try: load_config(d / "typo.yaml"); raise AssertionError("typo accepted")
 except ConfigError as e: assert "typo.yaml" in str(e) and "solver.wramup_iters" in str(e)
+# inheritance: base < child < overrides; lists replaced, mappings merged
+assert short.model == {"num_queries": 20, "hidden_dim": 128} and short.data.root == "data/shapes"
+assert load_config(d / "wide.yaml").solver.steps == [60, 90] and load_config(d / "wide.yaml").solver.lr == 1e-4
+assert load_config(d / "wide.yaml", ["model.hidden_dim=32"]).model["hidden_dim"] == 32
+# schedule: 100 -> 30 iterations rescales steps [60, 90] and warm-up 10; explicit steps are kept
+assert (short.solver.max_iters, short.solver.steps, short.solver.warmup_iters) == (30, [18, 27], 3)
+kept = load_config(d / "wide.yaml", ["solver.max_iters=30", "solver.steps=[25]"], verbose=False).solver
+assert (kept.steps, kept.warmup_iters) == ([25], 3)
+# lr: 2e-4 x 8 / 4, marked applied so that the saved config is not scaled again
+assert math.isclose(short.solver.lr, 4e-4) and short.solver.reference_batch == 0
+assert load_config(save_config(short, d / "short.yaml"), verbose=False) == short
+(d / "loop_a.yaml").write_text("_base_: loop_b.yaml\n"); (d / "loop_b.yaml").write_text("_base_: loop_a.yaml\n")
+try: load_config(d / "loop_a.yaml"); raise AssertionError("cycle accepted")
+except ConfigError as e: assert "cycle" in str(e) and "loop_a.yaml" in str(e) and "loop_b.yaml" in str(e), str(e)

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm.auto import tqdm
 
-from segbook.config import ConfigError, SolverConfig, TrainConfig, config_to_dict, save_config
+from segbook.config import ConfigError, SolverConfig, TrainConfig, config_to_dict, save_config, scale_lr_to_batch
 
 # %% [markdown]
 # The engine knows one contract and nothing else about a model (`CONTRIBUTING.md`): in train mode
@@ -465,7 +465,9 @@ def _gather_rng_states(info:DistInfo) -> list:
 # %% [markdown]
 # ## The loop
 #
-# `train` builds the optimizer and scheduler from `cfg.solver`, resumes from `out_dir/last.pt` when
+# `train` applies the linear lr scaling of chapter 10 (`scale_lr_to_batch`: only a `TrainConfig` built in code
+# still has `solver.reference_batch` > 0; one from `load_config` has it applied already, and every rank computes
+# the same lr because `data.batch_size` is the global batch), builds the optimizer and scheduler from `cfg.solver`, resumes from `out_dir/last.pt` when
 # asked, wraps the model in DDP when a process group exists, and then per iteration: forward under
 # `torch.autocast` (bf16, or fp16 with a `GradScaler`; CUDA only — CPU runs fp32), backward,
 # gradient-norm clipping over all parameters (on unscaled gradients), optimizer and scheduler steps.
@@ -476,8 +478,10 @@ def _gather_rng_states(info:DistInfo) -> list:
 # TensorBoard scalars are written too when `tensorboard` is installed.
 #
 # A fresh run seeds its training randomness with `cfg.seed + rank` at iteration 0 (build the model
-# after `seed_everything(cfg.seed)` so the initial weights are seeded too). A resumed run restores
-# everything instead and drops the lines of `metrics.jsonl` past the checkpoint, which the killed run
+# after `seed_everything(cfg.seed)` so the initial weights are seeded too) and starts quietly: `resume=True`
+# (what `segbook train` passes unless `--no-resume`) only means "continue if there is a checkpoint", so
+# its absence is not worth a warning. A resumed run says one line (`[resume] OUT/last.pt: iteration N of M`),
+# restores everything and drops the lines of `metrics.jsonl` past the checkpoint, which the killed run
 # may have logged; with `checkpoint_period` a multiple of `log_period` the resumed file equals the
 # uninterrupted one except for timings. `evaluate_fn(model)` runs on rank 0 under `torch.no_grad()`
 # in eval mode with the RNG state saved and restored around it, so evaluating never changes the
@@ -543,6 +547,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
           find_unused_parameters:bool=False, # passed to DistributedDataParallel
          ) -> dict:
     "Train `model` for `cfg.solver.max_iters` iterations; returns the last iteration, checkpoint, metrics and eval."
+    cfg = scale_lr_to_batch(cfg)  # solver.reference_batch > 0 in a TrainConfig built in code (no-op after load_config)
     info, sol, out_dir = dist_info(), cfg.solver, Path(out_dir)
     device = resolve_device(cfg.device, info)
     if sol.amp not in ("none", "bf16", "fp16"): raise ConfigError(f"solver.amp: '{sol.amp}' is not none/bf16/fp16")
@@ -565,6 +570,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         optimizer.load_state_dict(ck["optimizer"]); scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         start = ck["iteration"]
+        if info.is_main: print(f"[resume] {last}: iteration {start} of {sol.max_iters}", flush=True)
         if ck["data"]["world_size"] != info.world_size or ck["data"]["per_rank_batch"] != per_rank_batch:
             warnings.warn(f"{last}: saved with {ck['data']['world_size']} processes x {ck['data']['per_rank_batch']}"
                           f" images, resumed with {info.world_size} x {per_rank_batch}: data order and RNG not exact")
@@ -574,8 +580,7 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         if changed:
             warnings.warn(f"{last}: solver.{', solver.'.join(changed)} differ from the checkpoint's; the optimizer "
                           "and schedule continue with the checkpoint's settings (only max_iters may change)")
-    else:
-        if resume: warnings.warn(f"resume: no {last}; starting from iteration 0")
+    else:  # a fresh run (also with resume=True and no checkpoint yet): nothing to say
         seed_everything(cfg.seed + info.rank)
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "set_start"): sampler.set_start(start * per_rank_batch)
@@ -741,6 +746,12 @@ assert all(train_logs[-1][k] < 0.7 * train_logs[0][k] for k in ("loss_box", "los
 ck = load_checkpoint(tmp / "full" / "last.pt")
 assert ck["iteration"] == 60 and ck["data"]["samples_per_rank"] == 480 and len(ck["rng"]) == 1
 assert not any(p.name.startswith(".") for p in (tmp / "full").iterdir())  # no temp files left behind
+import contextlib, io
+with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()) as said:
+    warnings.simplefilter("always"); toy_run(tmp / "fresh", 2, resume=True)  # resume=True, nothing to resume
+assert not caught and "resume" not in said.getvalue(), (caught, said.getvalue())  # a fresh run starts quietly
+with contextlib.redirect_stdout(io.StringIO()) as said: toy_run(tmp / "fresh", 4, resume=True)
+assert f"[resume] {tmp / 'fresh' / 'last.pt'}: iteration 2 of 4" in said.getvalue(), said.getvalue()
 
 # %%
 fig, ax = plt.subplots(figsize=(4.5, 2.4))
