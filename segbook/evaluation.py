@@ -8,7 +8,7 @@ Docs: https://segbook.github.io/segbook/evaluation.html.md"""
 # %% auto #0
 __all__ = ['IOU_TYPES', 'STAT_NAMES', 'encode_masks', 'predictions_to_coco', 'save_coco_results', 'load_coco', 'run_cocoeval',
            'boundary_dilation', 'boundary_band', 'boundary_band_rle', 'boundary_iou', 'BoundaryCOCOeval',
-           'coco_evaluator', 'evaluate_coco', 'perturbed_ground_truth', 'squares_dataset']
+           'coco_evaluator', 'per_class_ap', 'evaluate_coco', 'perturbed_ground_truth', 'squares_dataset']
 
 # %% ../nbs/09_evaluation.ipynb #51af231b
 import contextlib
@@ -226,11 +226,22 @@ def coco_evaluator(coco_gt:COCO, # ground truth
     return COCOeval(coco_gt, coco_dt, iouType=iou_type) if reference else COCOeval_faster(coco_gt, coco_dt, iouType=iou_type)
 
 # %% ../nbs/09_evaluation.ipynb #1adfa273
+def per_class_ap(evaluator:COCOeval, # after `evaluate()` and `accumulate()`
+                ) -> dict: # {category id: AP in [0,1], -1 when the category has no ground truth}
+    "Each category's AP from `evaluator.eval['precision']` [T,R,K,A,M], at area 'all' and the largest maxDets (100)."
+    prec = evaluator.eval["precision"][:, :, :, evaluator.params.areaRngLbl.index("all"), -1]
+    out = {}
+    for k, cat in enumerate(evaluator.params.catIds):
+        p = prec[:, :, k]
+        out[int(cat)] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return out
+
 def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
                   results:list, # COCO result dicts (`predictions_to_coco`); may be empty
                   iou_types=IOU_TYPES, # any of 'bbox', 'segm', 'boundary'
                   image_ids=None, # evaluate on these image ids only (default: every ground-truth image)
                   dilation_ratio:float=0.02, # Boundary IoU band width / image diagonal (B1)
+                  per_class:bool=False, # also each category's AP (`per_class_ap`) under 'per_class'
                  ) -> dict: # {iou_type: {'AP','AP50','AP75','APs','APm','APl', ..., 'stats': [12 floats]}}
     "COCO box/mask AP and Boundary AP of `results` against `gt` (evaluators: `coco_evaluator`)."
     coco_gt = load_coco(gt)
@@ -244,6 +255,7 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
         ev = coco_evaluator(coco_gt, dets[kind], iou_type, dilation_ratio)
         ev.params.areaRng = [rng[k] for k in ("all", "small", "medium", "large")]  # S/M/L of the data set
         out[iou_type] = run_cocoeval(ev, image_ids)
+        if per_class: out[iou_type]["per_class"] = per_class_ap(ev)
     return out
 
 # %% ../nbs/09_evaluation.ipynb #89ed8b7f

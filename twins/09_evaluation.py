@@ -450,11 +450,22 @@ def coco_evaluator(coco_gt:COCO, # ground truth
 
 # %%
 #| export
+def per_class_ap(evaluator:COCOeval, # after `evaluate()` and `accumulate()`
+                ) -> dict: # {category id: AP in [0,1], -1 when the category has no ground truth}
+    "Each category's AP from `evaluator.eval['precision']` [T,R,K,A,M], at area 'all' and the largest maxDets (100)."
+    prec = evaluator.eval["precision"][:, :, :, evaluator.params.areaRngLbl.index("all"), -1]
+    out = {}
+    for k, cat in enumerate(evaluator.params.catIds):
+        p = prec[:, :, k]
+        out[int(cat)] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return out
+
 def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
                   results:list, # COCO result dicts (`predictions_to_coco`); may be empty
                   iou_types=IOU_TYPES, # any of 'bbox', 'segm', 'boundary'
                   image_ids=None, # evaluate on these image ids only (default: every ground-truth image)
                   dilation_ratio:float=0.02, # Boundary IoU band width / image diagonal (B1)
+                  per_class:bool=False, # also each category's AP (`per_class_ap`) under 'per_class'
                  ) -> dict: # {iou_type: {'AP','AP50','AP75','APs','APm','APl', ..., 'stats': [12 floats]}}
     "COCO box/mask AP and Boundary AP of `results` against `gt` (evaluators: `coco_evaluator`)."
     coco_gt = load_coco(gt)
@@ -468,6 +479,7 @@ def evaluate_coco(gt, # ground truth: instances JSON path, dict, or COCO
         ev = coco_evaluator(coco_gt, dets[kind], iou_type, dilation_ratio)
         ev.params.areaRng = [rng[k] for k in ("all", "small", "medium", "large")]  # S/M/L of the data set
         out[iou_type] = run_cocoeval(ev, image_ids)
+        if per_class: out[iou_type]["per_class"] = per_class_ap(ev)
     return out
 
 

@@ -29,7 +29,9 @@
 #| export
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
 
 # %%
@@ -59,14 +61,49 @@ def _cmd_train(a):
                       resume=not a.no_resume, eval_images=a.eval_images)
     print(json.dumps({k: v for k, v in r.items() if k in ("iteration", "checkpoint", "eval")}, default=str))
 
+class UsageError(Exception):
+    "A combination of arguments the parser cannot rule out by itself; reported like argparse's own errors."
+
+def _print_tables(m:dict, per_class:bool):
+    "The AP table (and the per-class one) on stderr, so stdout stays one JSON line for scripts."
+    from segbook.report import ap_table, per_class_table
+    print(ap_table(m), file=sys.stderr)
+    if per_class: print("\n" + per_class_table(m.get("per_class", [])), file=sys.stderr)
+
 def _cmd_eval(a):
-    from segbook.pipeline import eval_command
-    print(json.dumps(eval_command(a.checkpoint, data=a.data, split=a.split, device=a.device, out=a.out, max_images=a.max_images,
-                                  overrides=_overrides(a))))
+    if a.results:
+        if not (a.data and a.split): raise UsageError("eval --results needs --data ROOT and --split SPLIT (the ground truth)")
+        if a.overrides or a.max_images: raise UsageError("eval --results: key=value overrides and --max-images apply to --checkpoint only")
+        from segbook.pipeline import eval_results_command
+        m = eval_results_command(a.results, a.data, a.split, out=a.out, per_class=a.per_class)
+    else:
+        from segbook.pipeline import eval_command
+        m = eval_command(a.checkpoint, data=a.data, split=a.split, device=a.device, out=a.out, max_images=a.max_images,
+                         overrides=_overrides(a), per_class=a.per_class)
+    _print_tables(m, a.per_class)
+    print(json.dumps(m))
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+def split_overrides(items:list) -> tuple:
+    "(files, key=value overrides) of predict's positional arguments: `key=value` unless it is an existing file."
+    ov = [x for x in items if _OVERRIDE.match(x) and not Path(x).exists()]
+    return [x for x in items if x not in ov], ov
 
 def _cmd_predict(a):
     from segbook.pipeline import predict_command
-    print(json.dumps(predict_command(a.checkpoint, a.images, a.out, device=a.device, score_threshold=a.threshold)))
+    images, ov = split_overrides(a.inputs)
+    if not images: raise UsageError("predict: no image file given (only key=value overrides)")
+    print(json.dumps(predict_command(a.checkpoint, images, a.out, device=a.device, score_threshold=a.threshold,
+                                     overrides=ov, data=a.data, split=a.split)))
+
+def _cmd_plot(a):
+    from segbook.report import plot_command
+    print(json.dumps(plot_command(a.run, a.out)))
+
+def _cmd_viz(a):
+    from segbook.report import viz_command
+    print(json.dumps(viz_command(a.results, a.data, a.split, a.out, n=a.n, threshold=a.threshold)))
 
 def _cmd_bench(a):
     from segbook.bench import bench_command
@@ -129,23 +166,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.lr=1e-4 model.num_stages=3")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="COCO bbox / segm / boundary AP of a checkpoint on a split")
-    e.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run (its folder holds config.yaml)")
-    e.add_argument("--data", help="dataset root (default: the run's)")
-    e.add_argument("--split", help="split (default: the config's data.val_split)")
+    e = sub.add_parser("eval", help="COCO bbox / segm / boundary AP of a checkpoint, or of a COCO results file, on a split",
+                       description="Score a checkpoint (--checkpoint) or any COCO results file (--results: bbox AP when its "
+                       "records carry 'bbox', mask and Boundary AP when they carry 'segmentation'). The AP table (percent) is "
+                       "printed on stderr; stdout is one JSON line with the metrics, as metrics.json holds them.")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="last.pt of a `segbook train` run (its folder holds config.yaml)")
+    src.add_argument("--results", help="COCO results JSON (detectron2, mmdetection, `segbook predict --data --split`); needs --data and --split")
+    e.add_argument("--data", help="dataset root (default with --checkpoint: the run's)")
+    e.add_argument("--split", help="split (default with --checkpoint: the config's data.val_split)")
+    e.add_argument("--per-class", action="store_true", help="also print (and store under 'per_class') each category's AP")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    e.add_argument("--out", help="folder for metrics.json and results.json (default: RUN/eval_SPLIT)")
-    e.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    e.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the run's config, e.g. model.refine=false (coarse masks of a Transfiner run)")
+    e.add_argument("--out", help="folder for metrics.json (and results.json with --checkpoint; default: RUN/eval_SPLIT; "
+                                 "with --results nothing is written without --out)")
+    e.add_argument("--max-images", type=int, help="--checkpoint: evaluate the first N images only")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="--checkpoint: changes to the run's config, e.g. model.refine=false (coarse masks of a Transfiner run)")
     e.set_defaults(func=_cmd_eval)
 
-    r = sub.add_parser("predict", help="detect instances in image files: overlay PNGs + COCO-style JSON")
+    r = sub.add_parser("predict", help="detect instances in image files: overlay PNGs + COCO-style JSON",
+                       description="Writes OUT/<image>.png overlays and OUT/predictions.json (COCO results records plus "
+                       "'file_name'). image_id is the data set's id when --data and --split are given (each file is looked "
+                       "up by file name in the split's annotations), else the file name as a string.")
     r.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("inputs", nargs="+", metavar="IMG|key=value", help="image files, then optional config overrides like eval's, e.g. model.refine=false")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    r.add_argument("--threshold", type=float, default=0.4, help="score threshold for the overlays and JSON")
+    r.add_argument("--threshold", type=float, default=0.4,
+                   help="keep detections with score >= T in the overlays and JSON (default 0.4). ISTR's scores are per-class "
+                        "sigmoid probabilities of its queries, without NMS: lower T to see weaker detections")
+    r.add_argument("--data", help="dataset root whose annotations give the image ids (with --split)")
+    r.add_argument("--split", help="split of --data the images belong to")
     r.set_defaults(func=_cmd_predict)
+
+    g = sub.add_parser("plot", help="training curves of a run (loss terms, learning rate, AP) from RUN/metrics.jsonl as a PNG")
+    g.add_argument("run", help="run folder of `segbook train` (holds metrics.jsonl)")
+    g.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
+    g.set_defaults(func=_cmd_plot)
+
+    v = sub.add_parser("viz", help="ground truth beside the predictions of a COCO results file, one PNG per image")
+    v.add_argument("--results", required=True, help="COCO results JSON")
+    v.add_argument("--data", required=True, help="dataset root")
+    v.add_argument("--split", required=True, help="split the results are for")
+    v.add_argument("--out", required=True, help="folder for SPLIT_IMAGEID.png")
+    v.add_argument("--n", type=int, default=8, help="number of images: the first N (by id) the results mention")
+    v.add_argument("--threshold", type=float, default=0.4, help="draw detections with score >= T (default 0.4)")
+    v.set_defaults(func=_cmd_viz)
 
     k = sub.add_parser("bench", help="latency / FPS / peak memory of a model, optionally against a peer, timed alternately")
     k.add_argument("--model", required=True, help="segbook config YAML, or 'maskrcnn_r50' (torchvision)")
@@ -171,12 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
+def _user_errors() -> tuple:
+    "Exception types that mean bad input (a one-line message, exit 2), from the modules this command has loaded."
+    types = [FileNotFoundError, UsageError]
+    for mod, name in (("segbook.data", "DatasetError"), ("segbook.config", "ConfigError")):
+        if mod in sys.modules: types.append(getattr(sys.modules[mod], name))
+    return tuple(types)
+
 def main(argv=None) -> int:
-    "Entry point of the `segbook` console script."
+    "Entry point of the `segbook` console script: bad input prints `segbook: error: ...` and returns 2; other errors keep their traceback."
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as e:
+        if not isinstance(e, _user_errors()): raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"segbook: error: {msg}", file=sys.stderr)
+        return 2
     return 0
 
+if __name__ == "__main__" and "IPython" not in sys.modules:  # `python -m segbook.cli` (a notebook kernel is __main__ too)
+    sys.exit(main())
 
 # %% [markdown]
 # ## Tests
@@ -189,3 +269,16 @@ try:
     p.parse_args([]); raise AssertionError("no command must fail")
 except SystemExit as e:
     assert e.code == 2
+a = p.parse_args(["predict", "--checkpoint", "r/last.pt", "a.png", "b.jpg", "model.refine=false", "--out", "o"])
+assert split_overrides(a.inputs) == (["a.png", "b.jpg"], ["model.refine=false"]) and a.threshold == 0.4
+a = p.parse_args(["eval", "--results", "r.json", "--data", "d", "--split", "val", "--per-class"])
+assert a.results == "r.json" and a.checkpoint is None and a.per_class
+for bad in (["eval", "--data", "d"], ["eval", "--checkpoint", "c.pt", "--results", "r.json"]):  # exactly one of the two
+    try: p.parse_args(bad); raise AssertionError(f"accepted {bad}")
+    except SystemExit as e: assert e.code == 2
+import contextlib, io
+err = io.StringIO()
+with contextlib.redirect_stderr(err): rc = main(["eval", "--results", "r.json"])  # a user error: one line, exit status 2
+assert rc == 2 and err.getvalue().startswith("segbook: error: eval --results needs --data") and err.getvalue().count("\n") == 1
+with contextlib.redirect_stderr(err): rc = main(["plot", "/nonexistent/run"])
+assert rc == 2 and "metrics.jsonl" in err.getvalue().splitlines()[-1]

@@ -50,16 +50,26 @@ def figures_dir() -> Path:
             return d / "figures"
     return Path.cwd() / "figures"
 
+def write_figure(fig, path, # a matplotlib figure and the file to write (format from the suffix, default png)
+                 dpi:int=110) -> Path:
+    "Save `fig` to `path` through a uniquely named temp file in the same folder, then rename (atomic)."
+    import tempfile
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=out.suffix.lstrip(".") or "png",
+                    metadata={"Software": None} if out.suffix in ("", ".png") else None)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+    return out
+
 def save_figure(fig, name:str, # file name without folder, e.g. 'data_shapes_grid.png'
                 dpi:int=110) -> Path:
-    "Save a matplotlib `fig` into `figures_dir()` (written to a temp file, then renamed) and return the path."
-    out = figures_dir() / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=out.suffix.lstrip(".") or "png",
-                metadata={"Software": None} if out.suffix in ("", ".png") else None)
-    os.replace(tmp, out)
-    return out
+    "Save a matplotlib `fig` into `figures_dir()` (`write_figure`: temp file, then rename) and return the path."
+    return write_figure(fig, figures_dir() / name, dpi)
 
 
 # %% [markdown]
