@@ -166,7 +166,15 @@ def test_predict_ids_threshold_overrides_and_round_trip(run, shapes, tmp_path, c
     assert "no image with file_name 'not_in_the_split.png'" in err
 
 
-def test_plot_and_viz(run, shapes, tmp_path, capsys):
+def test_eval_checkpoint_plot_and_viz(run, shapes, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--split", "val", "--out", str(tmp_path / "ev"), "--per-class"]) == 0
+    cap = capsys.readouterr()
+    m = json.loads(cap.out)
+    assert m == json.loads((tmp_path / "ev" / "metrics.json").read_text()) and (tmp_path / "ev" / "results.json").exists()
+    err = [l.split("\r")[-1] for l in cap.err.splitlines()]  # the progress bar erases itself with carriage returns
+    head = next(i for i, l in enumerate(err) if l.split()[:2] == ["AP", "AP50"])
+    assert [l.split()[0] for l in err[head + 1:head + 4]] == ["bbox", "segm", "boundary"] and len(m["per_class"]) == 8
+    assert f"4 images, {m['detections']} detections" in cap.err
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0
     r = json.loads(capsys.readouterr().out)
     assert Path(r["png"]).stat().st_size > 10_000 and r["train_lines"] == 2 and r["last_iter"] == 2
