@@ -149,19 +149,24 @@ class MaskMoments:
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, masks:torch.Tensor, # [N,s,s] or [N,s²] masks (uint8/bool 0/1, or float)
+               block:int=8192, # masks converted and multiplied at a time (integer input; must stay below 2²⁴)
               ) -> "MaskMoments":
         "Add a batch of masks to the running sums."
-        x = masks.reshape(len(masks), -1).to(self.second.device)
+        x = masks.reshape(len(masks), -1)
         if x.shape[1] != self.dim:
             raise ValueError(f"MaskMoments(size={self.size}) expects {self.dim} pixels per mask, got {x.shape[1]}")
-        if self.logit:
-            x = noisy_logit(x.double(), self.generator)
-        elif not x.is_floating_point() and len(x) < 2**24:
-            x = x.float()                            # 0/1 products and their sums are exact in float32
-        else:
-            x = x.double()
-        self.second += (x.T @ x).double()
-        self.sum += x.sum(0, dtype=torch.float64)
+        dev = self.second.device
+        if self.logit or x.is_floating_point():
+            x = x.to(dev, torch.float64)
+            if self.logit:
+                x = noisy_logit(x, self.generator)
+            self.second += x.T @ x
+            self.sum += x.sum(0)
+        else:                                        # 0/1 counts: exact in float32 per block
+            for part in x.split(min(block, 2**24 - 1)):
+                f = part.to(dev, torch.float32)
+                self.second += f.T @ f
+                self.sum += f.sum(0)
         self.count += len(x)
         return self
 

@@ -134,6 +134,26 @@ def test_streaming_fit_equals_one_shot():
         assert torch.allclose(dots, torch.ones(top, dtype=torch.float64), atol=1e-6)
 
 
+def test_blocked_float32_moments_are_the_float64_moments():
+    "0/1 masks are accumulated in float32 blocks; the sums and the fitted basis equal a one-shot float64 fit."
+    g = torch.Generator().manual_seed(11)
+    density = torch.rand(6000, 1, 1, generator=g)
+    x = (torch.rand(6000, 28, 28, generator=g) < density).to(torch.uint8)
+    ref = x.flatten(1).double()
+    blocked = MaskMoments()
+    for chunk in x.split(2500):
+        blocked.update(chunk, block=999)              # several blocks per chunk, one partial
+    assert torch.equal(blocked.second, ref.T @ ref) and torch.equal(blocked.sum, ref.sum(0)) and blocked.count == 6000
+    assert torch.equal(MaskMoments().update(x.bool()).second, blocked.second)
+    one_shot = MaskMoments()
+    one_shot.second, one_shot.sum, one_shot.count = ref.T @ ref, ref.sum(0), len(ref)
+    for mean in (False, True):
+        a, b = PCACodec.from_moments(blocked, 60, mean=mean), PCACodec.from_moments(one_shot, 60, mean=mean)
+        dots = (a.components.double() * b.components.double()).sum(1).abs()
+        assert torch.allclose(dots, torch.ones(60, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-5, atol=0)
+
+
 def test_float_and_uint8_inputs_accumulate_the_same():
     x = ellipses(200, seed=2)
     a, b = MaskMoments().update(x), MaskMoments().update(x.double())
