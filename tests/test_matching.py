@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from segbook.matching import (MatchingConfig, assign, cost_box_giou, cost_box_l1, cost_class, cost_mask_cosine,
-                              cost_mask_dice, hungarian_match, matching_cost, prepare_targets)
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou
+
+from segbook.matching import (MatchingConfig, assign, assign_rows, cost_box_giou, cost_box_l1, cost_class, cost_mask_cosine,
+                              cost_mask_dice, hungarian_match, matching_cost, matching_cost_compact, normalize_boxes,
+                              pred_mask_embed, pred_mask_probs, prepare_targets)
 from stand_ins import OrthoCodec as _OrthoCodec, one_thread, rect_masks  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,9 +87,10 @@ def test_planted_matches_are_found_regardless_of_query_order():
 
 def test_cost_terms_have_the_paper_ranges_and_order():
     boxes = torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]])
-    assert cost_box_giou(boxes, boxes).diag().tolist() == [-1.0, -1.0]
-    assert (cost_box_giou(boxes, boxes.flip(0)).diag() > 0).all()       # disjoint: GIoU < 0, cost > 0
-    assert cost_box_l1(boxes / 100, boxes / 100).diag().abs().max() == 0
+    pairs = lambda f, a, b: f(a[:, None], b[None])                       # all pairs [P,G] by broadcasting
+    assert pairs(cost_box_giou, boxes, boxes).diag().tolist() == [-1.0, -1.0]
+    assert (pairs(cost_box_giou, boxes, boxes.flip(0)).diag() > 0).all()  # disjoint: GIoU < 0, cost > 0
+    assert pairs(cost_box_l1, boxes / 100, boxes / 100).diag().abs().max() == 0
     e = torch.randn(3, 7)
     cos = cost_mask_cosine(e, e)
     assert torch.allclose(cos.diag(), torch.full((3,), -1.0)) and (cos >= -1 - 1e-6).all() and (cos <= 1e-6).all()
@@ -95,9 +100,9 @@ def test_cost_terms_have_the_paper_ranges_and_order():
     assert cost_mask_dice(m, m).diag().max() < 1e-5 and cost_mask_dice(m, 1 - m).diag().min() > 0.999
     logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0]])
     for kind in ("focal", "prob"):
-        c = cost_class(logits, torch.tensor([0, 1]), kind)
+        c = cost_class(logits[:, [0, 1]], kind)
         assert c[0, 0] < c[1, 0] and c[1, 1] < c[0, 1], kind                # the confident query is cheaper
-    assert torch.allclose(cost_class(logits, torch.tensor([0]), "prob")[:, 0], -logits.sigmoid()[:, 0])
+    assert torch.allclose(cost_class(logits[:, [0]], "prob")[:, 0], -logits.sigmoid()[:, 0])
 
 
 def test_focal_class_cost_matches_the_official_formula():
@@ -106,7 +111,9 @@ def test_focal_class_cost_matches_the_official_formula():
     pos = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log()
     neg = 0.75 * p ** 2 * -(1 - p + 1e-8).log()
     labels = torch.tensor([2, 0, 0])
-    assert torch.allclose(cost_class(logits, labels), (pos - neg)[:, labels], atol=1e-5)
+    assert torch.allclose(cost_class(logits[:, labels]), (pos - neg)[:, labels], atol=1e-5)
+    big = torch.tensor([-120.0, -30.0, 0.0, 30.0, 120.0])                  # saturated logits stay finite
+    assert torch.isfinite(cost_class(big)).all()
 
 
 def test_zero_gt_and_raw_mask_logits():
@@ -149,14 +156,91 @@ def test_bad_config_and_missing_masks_are_named():
     assert [len(p) for p, _ in hungarian_match(pred, targets, MatchingConfig(mask_cost="none"), None)] == [1, 1]
 
 
-def test_batched_and_per_image_layouts_agree():
+def test_batched_and_compact_layouts_agree():
     g = torch.Generator().manual_seed(7)
     codec = OrthoCodec()
     pred, targets = random_batch(g, [3, 0, 4, 1, 2])
     a = hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout="batched"), codec)
-    b = hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout="per_image"), codec)
+    b = hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout="compact"), codec)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    for mask_cost in ("none", "dice", "l1", "cosine"):                     # compact rows = batched diagonal blocks
+        cfg = MatchingConfig(mask_size=8, mask_cost=mask_cost)
+        tt = prepare_targets(targets, 8, codec)
+        full, _ = matching_cost(pred, tt, cfg, codec)
+        rows, _ = matching_cost_compact(pred, tt, cfg, codec)
+        starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        for b_, (s0, s1) in enumerate(zip(starts[:-1], starts[1:])):
+            assert torch.allclose(rows[s0:s1], full[b_, :, s0:s1].T, atol=1e-5), (mask_cost, b_)
     pred["boxes"][3, 2, 1] = float("nan")
-    for layout in ("batched", "per_image"):
+    for layout in ("batched", "compact"):
         with pytest.raises(ValueError, match=r"image 3 from term\(s\) \['l1', 'giou'\]"):
             hungarian_match(pred, targets, MatchingConfig(mask_size=8, cost_layout=layout), codec)
+
+
+def previous_cost(pred, targets, cfg, codec):
+    "The matching cost as segbook computed it before the compact layout: all B·Q×G pairs, all-class focal cost."
+    B, Q = pred["logits"].shape[:2]
+    sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets])
+    counts = torch.as_tensor([len(t["labels"]) for t in targets])
+    gt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+    labels = torch.cat([t["labels"] for t in targets])
+    logits, boxes = pred["logits"].flatten(0, 1), pred["boxes"].flatten(0, 1)
+    p = logits.sigmoid()
+    if cfg.class_cost == "prob":
+        c_cls = -p[:, labels]
+    else:
+        pos = cfg.focal_alpha * (1 - p) ** cfg.focal_gamma * -F.logsigmoid(logits)
+        neg = (1 - cfg.focal_alpha) * p ** cfg.focal_gamma * -F.logsigmoid(-logits)
+        c_cls = (pos - neg)[:, labels]
+    total = (cfg.weight_class * c_cls
+             + cfg.weight_l1 * torch.cdist(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0)),
+                                           normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0)), p=1)
+             + cfg.weight_giou * -generalized_box_iou(boxes, gt_boxes))
+    if cfg.mask_cost in ("cosine", "l1"):
+        r, g_ = pred_mask_embed(pred).flatten(0, 1), torch.cat([t["mask_embed"] for t in targets])
+        m = (-(F.normalize(r, dim=-1) @ F.normalize(g_, dim=-1).T + 1) / 2 if cfg.mask_cost == "cosine"
+             else torch.cdist(r, g_, p=1) / r.shape[-1])
+        total = total + cfg.weight_mask * m
+    elif cfg.mask_cost == "dice":
+        total = total + cfg.weight_mask * cost_mask_dice(pred_mask_probs(pred, codec).flatten(0, 1),
+                                                         torch.cat([t["masks_crop"] for t in targets]))
+    return total.view(B, Q, -1)
+
+
+def test_compact_layout_gives_the_previous_assignments():
+    "On random batches the default matcher returns exactly the assignments of the previous all-pairs formulation."
+    g = torch.Generator().manual_seed(8)
+    codec = OrthoCodec()
+    configs = [MatchingConfig(mask_size=8)] + [MatchingConfig(mask_size=8, mask_cost=m) for m in ("none", "dice", "l1")] \
+        + [MatchingConfig(mask_size=8, class_cost="prob")]
+    for trial in range(12):
+        ns = torch.randint(0, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        pred, targets = random_batch(g, ns, Q=12, C=7, l=16)
+        for cfg in configs:
+            got = hungarian_match(pred, targets, cfg, codec)
+            tt = prepare_targets(targets, 8, codec)
+            old = previous_cost(pred, tt, cfg, codec).numpy()
+            starts = np.cumsum([0] + ns)
+            for b, (p, gi) in enumerate(got):
+                want = assign(old[b, :, starts[b]:starts[b + 1]])
+                assert torch.equal(p, want[0]) and torch.equal(gi, want[1]), (trial, b, cfg)
+
+
+def test_elementwise_giou_is_torchvisions():
+    g = torch.Generator().manual_seed(9)
+    xy = torch.rand(40, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 30], 1)
+    boxes[:3, 2:] = boxes[:3, :2]                                           # zero-size predictions
+    gt = boxes[10:25] + 1.0
+    assert torch.allclose(-cost_box_giou(boxes[:, None], gt[None]), generalized_box_iou(boxes, gt), atol=1e-6, equal_nan=True)
+    gt_rows = gt[torch.randint(0, 15, (40,), generator=g)]                  # one GT per prediction: elementwise pairs
+    assert torch.allclose(-cost_box_giou(boxes, gt_rows), generalized_box_iou(boxes, gt_rows).diag(), atol=1e-6, equal_nan=True)
+
+
+def test_assign_rows_is_assign_of_the_transpose():
+    rng = np.random.default_rng(10)
+    for _ in range(40):
+        Q = int(rng.integers(1, 30)); N = int(rng.integers(0, Q + 1))
+        c = rng.normal(size=(N, Q)).round(1)                                 # rounded: ties happen
+        a, b = assign_rows(c), assign(np.ascontiguousarray(c.T))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].dtype == torch.int64

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import generalized_box_iou
 
 from segbook.embeddings import crop_and_resize_masks
 
@@ -77,15 +76,15 @@ class MatchingConfig:
     focal_alpha: float = 0.25 # α of the focal-style class cost
     focal_gamma: float = 2.0 # γ of the focal-style class cost
     mask_size: int = 28 # s: GT masks are cropped to their box at s×s
-    cost_layout: str = "auto" # 'batched' (one [B·Q,G] matrix, DETR) | 'per_image' | 'auto': batched on CUDA, per-image on CPU
+    cost_layout: str = "auto" # 'batched' (one [B·Q,G] matrix, DETR) | 'compact' (one [G,Q] row per GT, own image only) | 'auto' = 'compact'
 
     def __post_init__(self):
         if self.class_cost not in ("focal", "prob"):
             raise ValueError(f"MatchingConfig.class_cost must be 'focal' or 'prob', got {self.class_cost!r}")
         if self.mask_cost not in ("none", "dice", "l1", "cosine"):
             raise ValueError(f"MatchingConfig.mask_cost must be 'none', 'dice', 'l1' or 'cosine', got {self.mask_cost!r}")
-        if self.cost_layout not in ("auto", "batched", "per_image"):
-            raise ValueError(f"MatchingConfig.cost_layout must be 'auto', 'batched' or 'per_image', got {self.cost_layout!r}")
+        if self.cost_layout not in ("auto", "batched", "compact"):
+            raise ValueError(f"MatchingConfig.cost_layout must be 'auto', 'batched' or 'compact', got {self.cost_layout!r}")
 
 
 # %% [markdown]
@@ -169,8 +168,15 @@ def uses_codec(pred:dict) -> bool:
 #
 # C_box = λ_L1·C_L1 + λ_iou·C_iou. The L1 term compares boxes as xyxy **divided by their image's
 # width and height** (`ISTR@967c901:istr/loss.py`; DETR uses normalised cxcywh instead), so it is
-# scale-free; `torch.cdist(p=1)` gives all pairs. The IoU term is the negative generalised IoU on
-# pixel boxes (`torchvision.ops.generalized_box_iou`).
+# scale-free. The IoU term is the negative generalised IoU on pixel boxes.
+#
+# Every cost term here is written for *pairs that broadcast*: a prediction tensor [...,4] and a GT
+# tensor [...,4] give one cost per broadcast pair. `pred[:, None]` against `gt[None]` is DETR's
+# all-pairs [P,G] matrix; the compact layout below feeds the same functions other shapes, so each
+# equation exists once. The GIoU is torchvision's `generalized_box_iou` written elementwise (that
+# function only does all pairs of two box lists); the test below checks the two agree. The
+# functions update their temporaries in place (`sub_`, `mul_`, …): on a CPU a fresh tensor of a few
+# hundred kB can cost as much in page faults as the arithmetic on it.
 
 # %%
 #| export
@@ -181,17 +187,27 @@ def normalize_boxes(boxes:torch.Tensor, # [...,4] xyxy pixels
     h, w = size[..., 0:1].to(boxes.dtype), size[..., 1:2].to(boxes.dtype)
     return boxes / torch.cat([w, h, w, h], -1)
 
-def cost_box_l1(pred_boxes:torch.Tensor, # [P,4] image-normalised xyxy
-                gt_boxes:torch.Tensor, # [G,4] image-normalised xyxy
-               ) -> torch.Tensor: # [P,G]
-    "C_L1 of Eq. 5: pairwise L1 distance between normalised boxes."
-    return torch.cdist(pred_boxes, gt_boxes, p=1)
+def cost_box_l1(pred_boxes:torch.Tensor, # [...,4] image-normalised xyxy
+                gt_boxes:torch.Tensor, # [...,4] image-normalised xyxy, broadcastable against `pred_boxes`
+               ) -> torch.Tensor: # [...] one cost per broadcast pair
+    "C_L1 of Eq. 5: L1 distance between normalised boxes."
+    cost = None
+    for p, g in zip(pred_boxes.unbind(-1), gt_boxes.unbind(-1)):   # one coordinate at a time: no [...,4] temporaries
+        d = (p - g).abs_()
+        cost = d if cost is None else cost.add_(d)
+    return cost
 
-def cost_box_giou(pred_boxes:torch.Tensor, # [P,4] xyxy pixels
-                  gt_boxes:torch.Tensor, # [G,4] xyxy pixels
-                 ) -> torch.Tensor: # [P,G] in [-1, 1]
-    "C_iou of Eq. 5: negative generalised IoU of every pair."
-    return -generalized_box_iou(pred_boxes, gt_boxes)
+def cost_box_giou(pred_boxes:torch.Tensor, # [...,4] xyxy pixels
+                  gt_boxes:torch.Tensor, # [...,4] xyxy pixels, broadcastable against `pred_boxes`
+                 ) -> torch.Tensor: # [...] in [-1, 1], one cost per broadcast pair
+    "C_iou of Eq. 5: negative generalised IoU (torchvision's `generalized_box_iou`, elementwise)."
+    px0, py0, px1, py1 = pred_boxes.unbind(-1)
+    gx0, gy0, gx1, gy1 = gt_boxes.unbind(-1)
+    extent = lambda lo, hi: hi.sub_(lo).clamp_min_(0)                           # max(hi − lo, 0), in place
+    inter = extent(torch.maximum(px0, gx0), torch.minimum(px1, gx1)).mul_(extent(torch.maximum(py0, gy0), torch.minimum(py1, gy1)))
+    union = torch.add((px1 - px0) * (py1 - py0), (gx1 - gx0) * (gy1 - gy0)).sub_(inter)
+    hull = extent(torch.minimum(px0, gx0), torch.maximum(px1, gx1)).mul_(extent(torch.minimum(py0, gy0), torch.maximum(py1, gy1)))
+    return hull.sub(union).div_(hull).sub_(inter.div_(union))                 # −GIoU = (hull − union)/hull − IoU
 
 
 # %% [markdown]
@@ -202,25 +218,27 @@ def cost_box_giou(pred_boxes:torch.Tensor, # [P,4] xyxy pixels
 #
 # C_cls = α(1−p)^γ·(−log p) − (1−α)p^γ·(−log(1−p)),
 #
-# i.e. the change in focal loss when that query's target for class c flips from 0 to 1. Both are
-# computed on all P×C logits and then gathered at the GT labels. We use `logsigmoid` for log p
-# and log(1−p) = logsigmoid(−logit), which is exact where the code adds 1e−8 inside the log.
+# i.e. the change in focal loss when that query's target for class c flips from 0 to 1. Only the
+# logits of GT classes enter, so `cost_class` takes those logits (gathered by the caller: a [P,G]
+# matrix of logit[q, c_g], or any other shape) — the official code evaluates all P×C and gathers
+# afterwards. One `logsigmoid` gives both logarithms: log p = logsigmoid(z) and
+# log(1−p) = logsigmoid(z) − z, exact where the code adds 1e−8 inside the log.
 
 # %%
 #| export
-def cost_class(logits:torch.Tensor, # [P,C] class logits (sigmoid classification)
-               labels:torch.Tensor, # [G] int64 GT classes
+def cost_class(logits:torch.Tensor, # [...] logit of the GT class c for each pair (sigmoid classification)
                kind:str="focal", # 'focal' (official code) or 'prob' (Eq. 6 as printed)
                alpha:float=0.25, # focal α
                gamma:float=2.0, # focal γ
-              ) -> torch.Tensor: # [P,G]
+              ) -> torch.Tensor: # [...] one cost per pair
     "C_cls of Eq. 6: −p̃(c) ('prob') or the focal-style cost of the official code ('focal')."
     p = logits.sigmoid()
     if kind == "prob":
-        return -p[:, labels]
-    pos = alpha * (1 - p) ** gamma * -F.logsigmoid(logits)
-    neg = (1 - alpha) * p ** gamma * -F.logsigmoid(-logits)
-    return (pos - neg)[:, labels]
+        return p.neg_()
+    log_p = F.logsigmoid(logits)                                  # log p;  log(1 − p) = log p − z
+    neg = p.pow(gamma).mul_(1 - alpha).mul_(logits - log_p)       # (1−α)·p^γ·(−log(1−p))
+    pos = p.neg_().add_(1).pow_(gamma).mul_(alpha).mul_(log_p)    # −α·(1−p)^γ·(−log p)
+    return pos.add_(neg).neg_()
 
 
 # %% [markdown]
@@ -238,12 +256,12 @@ def cost_class(logits:torch.Tensor, # [P,C] class logits (sigmoid classification
 
 # %%
 #| export
-def cost_mask_cosine(pred_embed:torch.Tensor, # [P,l] predicted embeddings r̃
-                     gt_embed:torch.Tensor, # [G,l] GT embeddings g(m)
-                    ) -> torch.Tensor: # [P,G] in [-1, 0]
-    "C_mask of Eq. 7 (without λ): −(cos(r̃, g(m)) + 1)/2."
-    cos = F.normalize(pred_embed, dim=-1) @ F.normalize(gt_embed, dim=-1).T
-    return -(cos + 1) / 2
+def cost_mask_cosine(pred_embed:torch.Tensor, # [...,P,l] predicted embeddings r̃
+                     gt_embed:torch.Tensor, # [...,G,l] GT embeddings g(m) (leading dims broadcast, as in `torch.matmul`)
+                    ) -> torch.Tensor: # [...,P,G] in [-1, 0]
+    "C_mask of Eq. 7 (without λ): −(cos(r̃, g(m)) + 1)/2 for every (prediction, GT) pair."
+    cos = F.normalize(pred_embed, dim=-1) @ F.normalize(gt_embed, dim=-1).mT
+    return cos.mul_(-0.5).sub_(0.5)                               # = −(cos + 1)/2 to the last bit (×0.5 is exact)
 
 def cost_mask_l1(pred_embed:torch.Tensor, # [P,l]
                  gt_embed:torch.Tensor, # [G,l]
@@ -266,11 +284,8 @@ def cost_mask_dice(pred_masks:torch.Tensor, # [P,s,s] probabilities f(r̃)
 #
 # As in DETR's matcher, all B·Q predictions of the batch are scored against all G GT instances of
 # the batch in one go — one [B·Q, G] matrix per term — and each image later keeps its own
-# [Q, N_b] block. The off-diagonal blocks are wasted work (a factor ≈ B), but on a GPU a few large
-# kernels beat B small ones, and the result crosses to the CPU in a single copy. On a CPU the
-# wasted arithmetic dominates instead (`benchmarks/bench_matching.py`: the per-image layout is
-# several times faster at batch 16 × 300 queries), so `cost_layout='auto'` scores image by image
-# there; both layouts give the same blocks.
+# [Q, N_b] block. This is the shortest correct matcher; its off-diagonal blocks are wasted work (a
+# factor ≈ B), which the compact layout after the assignment removes.
 
 # %%
 #| export
@@ -288,10 +303,10 @@ def matching_cost(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q,4], `ma
     labels = torch.cat([t["labels"] for t in targets])
     boxes = pred["boxes"].flatten(0, 1)                                              # [B·Q,4]
     terms = {
-        "class": cost_class(pred["logits"].flatten(0, 1), labels, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
-        "l1": cost_box_l1(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0)),
-                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0, output_size=len(labels)))),
-        "giou": cost_box_giou(boxes, gt_boxes),
+        "class": cost_class(pred["logits"].flatten(0, 1)[:, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
+        "l1": cost_box_l1(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0))[:, None],
+                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0, output_size=len(labels)))[None]),
+        "giou": cost_box_giou(boxes[:, None], gt_boxes[None]),
     }
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
     if cfg.mask_cost in ("cosine", "l1"):
@@ -338,13 +353,106 @@ def cost_blocks(total:torch.Tensor, # [B,Q,G] batched total cost from `matching_
     starts = np.cumsum([0] + list(counts))
     return [c[b, :, starts[b]:starts[b + 1]] for b in range(len(counts))]
 
+
+# %% [markdown]
+# ## The same costs, only where they are used
+#
+# The batched matrix scores every query of the batch against every GT of the batch, but the
+# assignment reads only each image's own block: Σ_b Q·N_b = Q·G of the B·Q·G entries, 1/B of them.
+# The compact layout computes exactly those: one row per GT instance g (in image b_g) against the Q
+# queries of its own image, a [G, Q] matrix whose rows are grouped by image. Every term is the same
+# function as above, fed per-GT shapes:
+#
+# - class (Eq. 6): `logits[b_g, :, c_g]` — the GT class's logit of each query of g's image, [G,Q];
+#   only these G·Q focal costs are computed, not all B·Q·C.
+# - boxes (Eq. 5): the image's query boxes gathered per GT as [G,4,Q] (coordinates outermost, so
+#   each coordinate is a contiguous [G,Q] plane) against the GT box [G,1,4].
+# - mask (Eq. 7): the cosine needs l-dimensional dot products, a matrix product per image. The GT
+#   embeddings are padded to [B, N_max, l] and multiplied with the queries [B, Q, l] in one batched
+#   product; the valid rows are then picked out. The padding costs (B·N_max − G)·Q entries of one
+#   term; the other terms have none.
+#
+# It is still a handful of large tensor operations with no per-image Python and no device→host
+# copy until the final [G,Q] total, so it suits a GPU as well as a CPU (where
+# `benchmarks/bench_matching.py` measures it; `cost_layout='auto'` picks it everywhere). Each row
+# block [N_b, Q] is the transpose of the batched layout's [Q, N_b] block, and scipy transposes a
+# tall matrix to exactly this wide form before solving it, so the assignment is the same
+# computation, not just the same optimum.
+
+# %%
+#| export
+def _gt_index(counts:list, # [B] python ints N_b
+              device, # where the index tensors go
+             ) -> tuple: # (image of each GT [G], flat row of each GT in a [B·N_max] padding [G], N_max)
+    "Which image each GT belongs to and where it sits in a per-image padding (host-side arithmetic, no device sync)."
+    counts = np.asarray(counts, dtype=np.int64)
+    n_max = int(counts.max(initial=0))
+    image = np.repeat(np.arange(len(counts)), counts)
+    within = np.arange(len(image)) - np.repeat(np.cumsum(counts) - counts, counts)
+    as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
+    return as_t(image), as_t(image * n_max + within), n_max
+
+def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q,4], `mask_embed` [B,Q,l] or `mask_logits` [B,Q,s,s]
+                          targets:list, # as for `matching_cost`
+                          cfg:MatchingConfig, # weights and switches
+                          codec=None, # needed only for mask_cost='dice' with embeddings
+                         ) -> tuple: # (total [G,Q], dict of unweighted terms, each [G,Q]); rows grouped by image
+    "Eq. 4 for each GT against the queries of its own image only: the diagonal blocks of `matching_cost`, transposed."
+    B, Q = pred["logits"].shape[:2]
+    dev, dtype = pred["boxes"].device, pred["boxes"].dtype
+    image, padded_row, n_max = _gt_index([len(t["labels"]) for t in targets], dev)
+    labels = torch.cat([t["labels"] for t in targets]).to(dev)
+    gt_boxes = torch.cat([t["boxes"] for t in targets]).to(dev, dtype)                   # [G,4]
+    sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)           # [B,2]
+    # query boxes in pixels and normalised, coordinates outermost, gathered for each GT's image
+    boxes = torch.cat([pred["boxes"], normalize_boxes(pred["boxes"], sizes[:, None])], -1).transpose(1, 2)
+    boxes = boxes.contiguous().index_select(0, image).transpose(1, 2)                   # [G,Q,8], each coordinate a [G,Q] plane
+    terms = {
+        "class": cost_class(pred["logits"].transpose(1, 2)[image, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
+        "l1": cost_box_l1(boxes[..., 4:], normalize_boxes(gt_boxes, sizes[image])[:, None]),
+        "giou": cost_box_giou(boxes[..., :4], gt_boxes[:, None]),
+    }
+    if cfg.mask_cost in ("cosine", "l1"):
+        r = pred_mask_embed(pred)                                                        # [B,Q,l]
+        g = torch.cat([t["mask_embed"] for t in targets]).to(dev, r.dtype)               # [G,l]
+        if r.shape[-1] != g.shape[-1]:
+            raise ValueError(f"predicted mask embeddings have l={r.shape[-1]} but GT embeddings l={g.shape[-1]} (codec mismatch?)")
+        g_pad = g.new_zeros(B * n_max, g.shape[-1]).index_copy_(0, padded_row, g).view(B, n_max, -1)
+        fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
+        # both mask costs are symmetric in their two arguments: GT first gives GT-major [B,N_max,Q] directly
+        terms["mask"] = fn(g_pad, r).view(B * n_max, Q)[padded_row]
+    elif cfg.mask_cost == "dice":                                                        # Table 1b ablation: per image
+        m, gt = pred_mask_probs(pred, codec), torch.cat([t["masks_crop"] for t in targets]).to(dev)
+        starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        terms["mask"] = torch.cat([cost_mask_dice(m[b], gt[starts[b]:starts[b + 1]]).T for b in range(B)])
+    weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
+    total = terms["class"] * weights["class"]
+    for k in list(terms)[1:]:
+        total.add_(terms[k], alpha=weights[k])
+    return total, terms
+
+def assign_rows(cost:np.ndarray, # [N,Q] one image's cost matrix, one row per GT (a compact-layout block)
+               ) -> tuple: # (pred_idx [N] int64, gt_idx [N] int64), sorted by pred_idx
+    "`assign(cost.T)` without its transposed copy: the same Hungarian solve on the wide [N,Q] form."
+    if cost.shape[0] == 0:
+        return _empty_match()
+    gt, q = linear_sum_assignment(cost)
+    order = np.argsort(q)
+    return torch.from_numpy(q[order].astype(np.int64)), torch.from_numpy(gt[order].astype(np.int64))
+
+
+# %% [markdown]
+# `hungarian_match` runs either layout; both end in one device→host copy of the total cost.
+
+# %%
+#| export
 @torch.no_grad()
 def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
                     targets:list, # B target dicts
                     cfg:MatchingConfig=None, # defaults to `MatchingConfig()`
                     codec=None, # mask codec (encodes GT crops; decodes r̃ for mask_cost='dice')
                    ) -> list: # B tuples (pred_idx [N_b] int64, gt_idx [N_b] int64)
-    "σ* of Eq. 4 for every image of the batch: costs computed batched, one assignment per image."
+    "σ* of Eq. 4 for every image of the batch: costs in one layout (compact or batched), one assignment per image."
     cfg = cfg or MatchingConfig()
     B, Q = pred["logits"].shape[:2]
     if len(targets) != B:
@@ -358,25 +466,23 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
         return [_empty_match() for _ in range(B)]
     if cfg.mask_cost != "none":
         targets = prepare_targets(targets, cfg.mask_size, codec if uses_codec(pred) else None)
-    layout = cfg.cost_layout
-    if layout == "auto":
-        layout = "batched" if pred["logits"].is_cuda else "per_image"
-    if layout == "batched":
+    starts = np.cumsum([0] + counts)
+    if cfg.cost_layout == "batched":
         total, terms = matching_cost(pred, targets, cfg, codec)
-        blocks, starts = cost_blocks(total, counts), np.cumsum([0] + counts)
+        blocks, solve = cost_blocks(total, counts), assign
         terms_of = lambda b: {k: v.view(B, Q, -1)[b, :, starts[b]:starts[b + 1]] for k, v in terms.items()}
     else:
-        per = [matching_cost({k: v[b:b + 1] for k, v in pred.items()}, [targets[b]], cfg, codec) if counts[b] else None
-               for b in range(B)]
-        blocks = [cost_blocks(p[0], [counts[b]])[0] if p else np.zeros((Q, 0), np.float32) for b, p in enumerate(per)]
-        terms_of = lambda b: per[b][1]
+        total, terms = matching_cost_compact(pred, targets, cfg, codec)
+        c = total.detach().cpu().double().numpy()                                  # the one device→host copy; scipy solves in float64
+        blocks, solve = [c[starts[b]:starts[b + 1]] for b in range(B)], assign_rows
+        terms_of = lambda b: {k: v[starts[b]:starts[b + 1]] for k, v in terms.items()}
     out = []
     for b, c in enumerate(blocks):
         if not np.isfinite(c).all():
             bad = [k for k, v in terms_of(b).items() if not torch.isfinite(v).all()]
             raise ValueError(f"non-finite matching cost for image {b} from term(s) {bad or ['weighted sum']}: "
                              "check that image's predictions (NaN logits/boxes/embeddings?) and GT boxes")
-        out.append(assign(c))
+        out.append(solve(c))
     return out
 
 
@@ -429,6 +535,23 @@ assert indices[1][0].numel() == 0 and indices[1][0].dtype == torch.int64        
 for mc in ("none", "dice", "l1", "cosine"):                                         # every Table 1b cost finds the planted pairs
     assert hungarian_match(pred, targets, MatchingConfig(mask_cost=mc), codec)[0][0].tolist() == [1, 4, 6], mc
 assert hungarian_match(pred, targets, MatchingConfig(class_cost="prob"), codec)[0][0].tolist() == [1, 4, 6]
+
+# %% [markdown]
+# The two layouts agree: the compact rows are the batched matrix's diagonal blocks, transposed, and
+# give the same assignment; the elementwise GIoU is torchvision's.
+
+# %%
+from torchvision.ops import generalized_box_iou
+
+tt = prepare_targets(targets, 28, codec)
+full, _ = matching_cost(pred, tt, MatchingConfig(), codec)
+rows, _ = matching_cost_compact(pred, tt, MatchingConfig(), codec)
+assert rows.shape == (3, Q) and torch.allclose(rows, full[0, :, :3].T, atol=1e-5)
+for mc in ("none", "dice", "l1", "cosine"):
+    a = hungarian_match(pred, targets, MatchingConfig(mask_cost=mc, cost_layout="batched"), codec)
+    b = hungarian_match(pred, targets, MatchingConfig(mask_cost=mc, cost_layout="compact"), codec)
+    assert all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v)), mc
+assert torch.allclose(-cost_box_giou(pred["boxes"][0][:, None], gt_boxes[None]), generalized_box_iou(pred["boxes"][0], gt_boxes), atol=1e-6)
 
 # %% [markdown]
 # The assignment is optimal: on small random problems, brute force over every injective map from
