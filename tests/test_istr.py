@@ -271,3 +271,86 @@ def test_tiny_istr_learns_synthetic_shapes():
     assert last < 0.3 * first
     assert iou1 > 0.4 and iou1 > iou0 + 0.3
     assert score1 > 0.15 and score1 > score0 + 0.1
+
+
+def paste_masks_grid_sample(masks, boxes, height, width):
+    "Reference paste: one grid_sample over the whole canvas of every mask (align_corners=False, zero padding)."
+    N = masks.shape[0]
+    dt = masks.dtype
+    x = torch.arange(width, dtype=dt) + 0.5
+    y = torch.arange(height, dtype=dt) + 0.5
+    x0, y0, x1, y1 = boxes.to(dt).unbind(-1)
+    gx = (x[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1
+    gy = (y[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(N, height, width), gy[:, :, None].expand(N, height, width)], -1)
+    return F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paste_equals_grid_sample(dtype):
+    "The separable paste R_y M R_x^T gives grid_sample's numbers: boxes inside, across the border, tiny, huge, empty."
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(9, 14, 10, generator=g, dtype=dtype)   # s_h != s_w on purpose
+    boxes = torch.tensor([[3.2, 4.7, 20.9, 30.1], [-10.0, -5.0, 15.0, 12.0], [30.0, 40.0, 90.0, 70.0],
+                          [5.0, 5.0, 5.4, 5.3], [0.0, 0.0, 48.0, 40.0], [-100.0, -80.0, 200.0, 150.0],
+                          [12.0, 12.0, 12.0, 12.0], [47.5, 39.5, 48.0, 40.0], [60.0, 50.0, 70.0, 60.0]], dtype=dtype)
+    got, ref = paste_masks(masks, boxes, 40, 48), paste_masks_grid_sample(masks, boxes, 40, 48)
+    assert got.shape == ref.shape == (9, 1, 40, 48) and got.dtype == dtype
+    assert (got - ref).abs().max() < 1e-6
+    assert torch.equal(got == 0, ref.abs() < 1e-7)                   # zero exactly where grid_sample is zero
+    assert got[8].abs().max() == 0 and got[0].amax() > 0.5             # box outside the canvas: empty canvas
+
+
+def _randomise_frozen_bn(model):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.shape[0]
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5); m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1); m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def predict_reference(model, images, sizes, orig, topk, monkeypatch):
+    "The inference path without its CPU shortcuts: NCHW, BN unfolded, grid_sample paste."
+    import segbook.istr as istr
+    with torch.no_grad():
+        feats = model.backbone(images)
+        levels = [feats[n] for n in istr.FPN_LEVELS]
+        boxes, x = model.initial_queries(levels, sizes)
+        for stage in model.stages:
+            pred, x = stage(x, multilevel_roi_align(levels, boxes, model.cfg.pooler_resolution, model.cfg.sampling_ratio), boxes)
+            boxes = pred["boxes"]
+        with monkeypatch.context() as mp:
+            mp.setattr(istr, "paste_masks", paste_masks_grid_sample)
+            return postprocess(pred, sizes, orig, model.codec, topk)
+
+
+@pytest.mark.parametrize("mask_head", ["raw", "embedding"])
+def test_cpu_inference_path_equals_reference(batch, mask_head, monkeypatch):
+    """predict (folded BN, channels-last, separable paste) = the plain path: boxes, scores, labels, pasted masks to 1e-5.
+
+    In float64, so that what is compared is the arithmetic of the two paths, not float32 round-off amplified by
+    untrained stages (in float32 the boxes agree to ~1e-5 relative); a wrong fold or paste is off by O(1)."""
+    images, sizes = batch
+    images = images.double()
+    orig = torch.tensor([[96, 72], [60, 96]])
+    torch.manual_seed(0)
+    cfg = tiny(**(dict(mask_head="embedding", mask_dim=12) if mask_head == "embedding" else {}))
+    model = ISTR(cfg, codec=random_codec() if mask_head == "embedding" else None).eval()
+    _randomise_frozen_bn(model)
+    model.double()
+    for step in range(2):
+        got = model.predict(images, sizes, orig, topk=12)
+        ref = predict_reference(model, images, sizes, orig, 12, monkeypatch)
+        for g_, r_ in zip(got, ref):
+            assert torch.equal(g_["labels"], r_["labels"])
+            assert torch.allclose(g_["scores"], r_["scores"], atol=1e-5, rtol=0)
+            assert torch.allclose(g_["boxes"], r_["boxes"], atol=1e-5, rtol=1e-5)
+            assert g_["masks"].shape == r_["masks"].shape and (g_["masks"] - r_["masks"]).abs().max() < 1e-5
+        # an in-place change of a backbone weight (what an optimiser step does) must reach the folded copy
+        folded = model.inference_body()
+        with torch.no_grad():
+            model.backbone.body.layer1[0].conv1.weight.mul_(1.5)
+        assert model.inference_body() is not folded
+    assert model.inference_body() is model.inference_body()              # cached while nothing changes

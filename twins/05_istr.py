@@ -39,6 +39,8 @@
 
 # %%
 #| export
+import copy
+import itertools
 import math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -185,6 +187,61 @@ def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN:
     c = body.inplanes // 8  # 64 for resnet18/34, 256 for resnet50/101
     return BackboneWithFPN(body, {f"layer{i + 1}": lvl for i, lvl in enumerate(FPN_LEVELS)},
                            [c * 2 ** i for i in range(4)], cfg.hidden)
+
+
+# %% [markdown]
+# ### Frozen BN folded into the convolutions, for inference
+#
+# A `FrozenBatchNorm2d` after a convolution is an affine map per channel, $y = a\,(W * x) + b$ with
+# $a = \gamma/\sqrt{\sigma^2+\epsilon}$ and $b = \beta - \mu a$, so it folds into the convolution:
+# $W' = a W$, bias $b$. `fold_frozen_bn` makes a copy of the ResNet body with every conv → frozen-BN
+# pair replaced by one biased conv (the stem, every block's convs and its downsample). The model
+# itself is untouched — its state dict, its training and its exact resume stay as they are; `ISTR`
+# (below) uses the folded copy for CPU inference only and rebuilds it whenever a backbone tensor has
+# changed. The copy costs the body's weights once more (94 MB for ResNet-50).
+
+# %%
+#| export
+def _folded_conv(conv:nn.Conv2d, bn:FrozenBatchNorm2d) -> nn.Conv2d:
+    "One biased conv equal to bn(conv(x))."
+    a = bn.weight * (bn.running_var + bn.eps).rsqrt()                        # [C_out]
+    b = bn.bias - bn.running_mean * a
+    if conv.bias is not None:
+        b = b + conv.bias * a
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, bias=True, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    new.weight.copy_(conv.weight * a[:, None, None, None])
+    new.bias.copy_(b)
+    return new
+
+def fold_frozen_bn(body:nn.Module) -> nn.Module:
+    "Copy of a torchvision ResNet body with every conv -> FrozenBatchNorm2d pair folded into one biased conv (no grad)."
+    with torch.inference_mode(False), torch.no_grad():
+        body = copy.deepcopy(body)
+        for m in list(body.modules()):
+            for c, b in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+                conv, bn = getattr(m, c, None), getattr(m, b, None)
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                    setattr(m, c, _folded_conv(conv, bn)); setattr(m, b, nn.Identity())
+            ds = getattr(m, "downsample", None)
+            if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], FrozenBatchNorm2d):
+                ds[0], ds[1] = _folded_conv(ds[0], ds[1]), nn.Identity()
+    return body.requires_grad_(False).eval()
+
+
+# %%
+torch.manual_seed(0)
+_bb = build_resnet_fpn(ISTRConfig(backbone="resnet18", hidden=16)).eval()
+for _m in _bb.modules():   # non-trivial frozen statistics, so that folding has something to fold
+    if isinstance(_m, FrozenBatchNorm2d):
+        _m.weight.uniform_(0.5, 1.5); _m.bias.normal_(); _m.running_mean.normal_(); _m.running_var.uniform_(0.5, 2)
+_folded = fold_frozen_bn(_bb.body)
+assert not any(isinstance(_m, FrozenBatchNorm2d) for _m in _folded.modules())
+assert sum(isinstance(_m, FrozenBatchNorm2d) for _m in _bb.body.modules()) == 20   # resnet18: stem + 8 blocks x 2 + 3 downsamples
+_x = torch.randn(1, 3, 64, 96)
+with torch.no_grad():
+    _ref, _got = _bb.body(_x), _folded(_x)
+assert all(torch.allclose(_ref[k], _got[k], rtol=1e-4, atol=1e-4) for k in _ref)
 
 
 # %% [markdown]
@@ -369,6 +426,14 @@ class ISTRStage(nn.Module):
 # what DistributedDataParallel needs. `model.loss(outputs, targets)` is the same loss on outputs you
 # already have. `build_istr(cfg)` assembles model, codec and criterion from a config.
 #
+# **CPU inference** (no autograd, not CUDA) runs the backbone differently, with the same numbers up
+# to float rounding: the ResNet body is the `fold_frozen_bn` copy (one biased conv per conv + frozen
+# BN, cached on the model and rebuilt when any body tensor's version or storage changed, e.g. after an
+# optimiser step or `load_state_dict`), and the batch is handed over channels-last, in which oneDNN's
+# convolutions and the elementwise ops between them run faster on this CPU. `benchmarks/profile_istr.py`
+# measures what each buys (`benchmarks/results/istr_cpu_profile.json`). Training keeps the plain
+# NCHW path, and on CUDA the layout and the backbone are left as they are.
+#
 # **Init** (code): Xavier-uniform for every stage weight with more than one dimension; the class bias
 # set to $-\log((1-\pi)/\pi)$ with $\pi = 0.01$ so the focal loss starts calm. The code selects "any
 # parameter whose last dimension equals num_classes"; we set the class-logit bias by name, which is the
@@ -401,6 +466,18 @@ class ISTR(nn.Module):
                 if p.dim() > 1: nn.init.xavier_uniform_(p)
             nn.init.constant_(stage.class_logits.bias, bias)
 
+    def inference_body(self) -> nn.Module:
+        "The ResNet body for inference: `fold_frozen_bn` of `backbone.body`, cached until a body tensor changes."
+        body = self.backbone.body
+        if not self.cfg.frozen_bn:
+            return body
+        key = tuple((t.device, t.data_ptr(), None if t.is_inference() else t._version)
+                    for t in itertools.chain(body.parameters(), body.buffers()))
+        cached = self.__dict__.get("_folded_body")   # not a submodule: no state dict entry, no DDP parameter
+        if cached is None or cached[0] != key:
+            self.__dict__["_folded_body"] = cached = (key, fold_frozen_bn(body))
+        return cached[1]
+
     def initial_queries(self, levels:list, # P2..P5 features
                         image_sizes:torch.Tensor): # [B, 2] (h, w)
         "Query boxes [B,k,4] (whole image) and proposal features P + E [B,k,d]."
@@ -417,7 +494,10 @@ class ISTR(nn.Module):
         targets = sizes_or_targets if isinstance(sizes_or_targets, (list, tuple)) else None
         image_sizes = (torch.stack([torch.as_tensor(t["size"]) for t in targets]) if targets is not None
                        else sizes_or_targets).to(images.device)
-        feats = self.backbone(images)
+        if not images.is_cuda and not torch.is_grad_enabled():   # CPU inference: folded BN, channels-last
+            feats = self.backbone.fpn(self.inference_body()(images.contiguous(memory_format=torch.channels_last)))
+        else:
+            feats = self.backbone(images)
         levels = [feats[n] for n in FPN_LEVELS]
         boxes, x = self.initial_queries(levels, image_sizes)
         stages = []
@@ -487,29 +567,45 @@ def build_istr(cfg:ISTRConfig|dict, # model settings (a dict = the YAML `model:`
 # the final stage, the **top 100 over the flattened pairs** (one query may appear with two labels),
 # no NMS and no threshold. The kept embeddings go through the fixed decoder to $s\times s$
 # probabilities (raw `mask_logits` through a sigmoid), and every mask is **pasted into its box at the
-# original image size in one `grid_sample` call**: each output pixel centre $(x+\frac12, y+\frac12)$
-# is mapped to the box's normalised coordinates, and everything outside the box samples zero
-# padding. This is the same bilinear resize-into-box detectron2's `paste_masks_in_image` does,
-# without its per-chunk loop. The boxes are rescaled from the network's input size to the original
-# size and clipped; masks are returned as probabilities (evaluation binarises at 0.5). Unlike
-# detectron2 we keep empty boxes rather than filter them (a data-dependent shape, i.e. a host sync);
-# their masks are all zero.
+# original image size**: each output pixel centre $(x+\frac12, y+\frac12)$ is mapped to the box's
+# normalised coordinates and the mask is sampled there bilinearly, with zeros outside it — what
+# `F.grid_sample(mask, grid, align_corners=False, padding_mode='zeros')` computes, and the same
+# resize-into-box as detectron2's `paste_masks_in_image`.
+#
+# We do not call `grid_sample`, though: its grid for N masks is an [N, H, W, 2] tensor (210 MB for
+# 100 masks at 512²) and it interpolates every pixel of every canvas, and pasting was 10–15 % of an
+# ISTR-R50 call on the CPU. Because the box maps $x$ and $y$ independently, bilinear sampling is
+# separable: with $u_y$ the mask row that output row $y$ lands on, the weight of mask row $j$ is the
+# tent $\max(0, 1-|u_y - j|)$ (zero for rows outside the mask: the zero padding), so
+# $\text{pasted} = R_y\, M\, R_x^{\top}$ with $R_y$ [H, s] and $R_x$ [W, s] — two batched matrix
+# products, no grid, no loop over masks, no host sync, the same numbers as `grid_sample` up to float
+# rounding (tested to 1e-6 in `tests/test_istr.py`). The boxes are rescaled from the network's input
+# size to the original size and clipped; masks are returned as probabilities (evaluation binarises
+# at 0.5). Unlike detectron2 we keep empty boxes rather than filter them (a data-dependent shape,
+# i.e. a host sync); their masks are all zero.
 
 # %%
 #| export
-def paste_masks(masks:torch.Tensor, # [N, s, s] probabilities
+def paste_weights(lo:torch.Tensor, # [N] box start (x0 or y0) in output pixels
+                  hi:torch.Tensor, # [N] box end (x1 or y1)
+                  n_out:int, # output pixels along this axis (W or H)
+                  s:int) -> torch.Tensor: # mask texels along this axis
+    "1-D bilinear weights [N, n_out, s] of `grid_sample(align_corners=False, padding_mode='zeros')` into a box."
+    c = torch.arange(n_out, device=lo.device, dtype=lo.dtype) + 0.5                  # pixel centres
+    g = (c[None] - lo[:, None]) / (hi - lo).clamp(min=1e-6)[:, None] * 2 - 1          # [N, n_out] in [-1, 1] inside the box
+    u = ((g + 1) * s - 1) / 2                                                          # texel coordinate (grid_sample's unnormalise)
+    return (1 - (u[..., None] - torch.arange(s, device=lo.device, dtype=lo.dtype)).abs()).clamp(min=0)
+
+def paste_masks(masks:torch.Tensor, # [N, s_h, s_w] probabilities
                 boxes:torch.Tensor, # [N, 4] xyxy in output pixels
                 height:int, width:int) -> torch.Tensor: # output image size
-    "Paste every mask into its box on an empty [N,1,H,W] canvas (bilinear, zero outside), all at once."
-    N = masks.shape[0]
-    dev, dt = masks.device, masks.dtype
-    x = torch.arange(width, device=dev, dtype=dt) + 0.5
-    y = torch.arange(height, device=dev, dtype=dt) + 0.5
-    x0, y0, x1, y1 = boxes.to(dt).unbind(-1)
-    gx = (x[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1   # [N, W]
-    gy = (y[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1   # [N, H]
-    grid = torch.stack([gx[:, None, :].expand(N, height, width), gy[:, :, None].expand(N, height, width)], -1)
-    return F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    "Paste every mask into its box on an empty [N,1,H,W] float32 canvas (bilinear, zero outside), all at once: R_y M R_xᵀ."
+    dt = torch.float64 if masks.dtype == torch.float64 else torch.float32
+    with torch.autocast(masks.device.type, enabled=False):   # the weights must not be rounded to bf16/fp16
+        x0, y0, x1, y1 = boxes.to(dt).unbind(-1)
+        ry = paste_weights(y0, y1, height, masks.shape[-2])                          # [N, H, s_h]
+        rx = paste_weights(x0, x1, width, masks.shape[-1])                           # [N, W, s_w]
+        return torch.bmm(torch.bmm(ry, masks.to(dt)), rx.transpose(1, 2))[:, None]
 
 def postprocess(stage_out:dict, # one stage: logits [B,k,C], boxes [B,k,4], mask_embed [B,k,l] or mask_logits [B,k,s,s]
                 image_sizes:torch.Tensor, # [B, 2] (h, w) the network saw
@@ -661,6 +757,6 @@ for q, c in zip(range(3), cols):
         ax[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="0.6" if s == 0 else c, ls=ls, lw=1.5))
 ax[0].set_title("query boxes: init (grey), stage 1 (--), stage 2 (—)", fontsize=9)
 ax[1].imshow(dets[0]["masks"][:, 0].sum(0).numpy(), cmap="viridis")
-ax[1].set_title("20 masks pasted at 128×96 in one grid_sample", fontsize=9)
+ax[1].set_title("20 masks pasted at 128×96 in one call", fontsize=9)
 for a in ax: a.set_xticks([]); a.set_yticks([])
 save_figure(fig, "istr_stages_and_paste.png");
