@@ -122,3 +122,16 @@ def test_raw_mask_istr_alone_and_table(tmp_path):
     assert rep["model"]["detections"] == 10 * 3 and rep["model"]["mask_shape"] == [30, 1, 64, 64]
     table = bench_table([rep])
     assert table.count("\n") == 3 and "| tiny |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit; on a GPU machine run tools/gpu_check.sh itself")
+def test_gpu_check_without_cuda_says_so_and_runs_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert (r.stdout + r.stderr).strip().splitlines() == [
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing run"]
+    assert list(tmp_path.iterdir()) == []
