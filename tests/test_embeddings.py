@@ -281,3 +281,44 @@ def test_pca_fit_command_on_coco_mini(tmp_path):
 def test_pca_fit_command_missing_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="instances_nope.json"):
         pca_fit_command(tmp_path, "nope", progress=False)
+
+
+OFFICIAL_PCA = Path(os.environ.get("SEGBOOK_ISTR_PCA", Path(__file__).resolve().parents[2] / "shared" / "istr-official-pca"))
+OFFICIAL_60 = OFFICIAL_PCA / "coco_2017_train_class_agnosticTrue_whitenTrue_sigmoidTrue_60_siz28.npz"
+needs_official = pytest.mark.skipif(not OFFICIAL_60.exists(), reason="official ISTR PCA bases not found")
+
+
+@needs_official
+def test_official_basis_encode_decode_are_the_readme_formulas(masks):
+    z = np.load(OFFICIAL_60)
+    comp, mean, var = z["components_c"][0].astype(np.float64), z["mean_c"].astype(np.float64), z["explained_variance_c"].astype(np.float64)
+    codec = PCACodec.from_official_npz(OFFICIAL_60, dtype=torch.float64)
+    m = masks[:100]
+    r = codec.encode(m, generator=torch.Generator().manual_seed(1))
+    u = (0.05 * torch.rand(m.flatten(1).shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).clamp_min(0.01).numpy()
+    soft = np.where(m.flatten(1).numpy() >= 0.5, 1 - u, u)
+    assert np.abs(r.numpy() - (np.log(soft / (1 - soft)) - mean) @ comp.T / np.sqrt(var)).max() < 1e-6
+    dec = 1 / (1 + np.exp(-(r.numpy() @ (comp * np.sqrt(var[0])[:, None]) + mean)))
+    assert np.abs(codec.decode(r).flatten(1).numpy() - dec).max() < 1e-6
+    loaded = PCACodec.load(OFFICIAL_60)                                     # a config's codec_path may name the .npz
+    assert loaded.dim == 60 and loaded.logit and loaded.centred and loaded.whitened and loaded.components.dtype == torch.float32
+    assert loaded.energy() == pytest.approx(float(z["ratio_c"].sum()), abs=1e-6)
+    assert torch.equal(loaded.encode(m, generator=torch.Generator().manual_seed(2)),
+                       loaded.encode(m, generator=torch.Generator().manual_seed(2)))   # seeded softening is repeatable
+
+
+def test_official_npz_with_a_missing_field_names_file_and_field(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, components_c=np.zeros((1, 2, 16), np.float32), mean_c=np.zeros((1, 16), np.float32))
+    with pytest.raises(ValueError, match=r"bad\.npz.*explained_variance_c"):
+        PCACodec.load(bad)
+
+
+@needs_official
+@needs_coco
+def test_pca_fit_from_npz_reports_on_the_official_basis(capsys):
+    from segbook.cli import main
+    assert main(["pca-fit", "--from-npz", str(OFFICIAL_60), "--data", str(COCO_MINI), "--split", "val2017"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dim"] == 60 and report["miou_masks"] == 707 and report["energy"] == pytest.approx(0.8136, abs=1e-3)
+    assert abs(report["miou"] - 0.944) < 0.01                                # the README's official measurement

@@ -47,7 +47,11 @@ def _cmd_data_browse(a):
     print(json.dumps({"written": [str(p) for p in paths]}))
 
 def _cmd_pca_fit(a):
-    from segbook.embeddings import pca_fit_command
+    from segbook.embeddings import pca_basis_report, pca_fit_command
+    if a.from_npz:
+        print(json.dumps(pca_basis_report(a.from_npz, a.data, a.split))); return
+    if not a.out:
+        raise ValueError("segbook pca-fit: --out is required unless --from-npz is given")
     print(json.dumps(pca_fit_command(a.data, a.split, dim=a.dim, size=a.size, out=a.out,
                                      mean=a.mean, whiten=a.whiten, logit=a.logit)))
 
@@ -149,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", required=True, help="split whose masks are used")
     f.add_argument("--dim", type=int, default=60, help="embedding dimension l")
     f.add_argument("--size", type=int, default=28, help="mask side s (masks are s x s)")
-    f.add_argument("--out", required=True, help="codec file to write (.pt)")
+    f.add_argument("--out", help="codec file to write (.pt); required unless --from-npz")
+    f.add_argument("--from-npz", help="report on this fitted basis (official ISTR .npz or a .pt codec) instead of fitting")
     f.add_argument("--mean", action="store_true", help="subtract the mean (official code; the paper has none)")
     f.add_argument("--whiten", action="store_true", help="whiten the components (official code)")
     f.add_argument("--logit", action="store_true", help="fit in the noisy-logit domain (official code)")
