@@ -14,7 +14,7 @@ It records under `--label` in the `--out` JSON (other labels in the file are kep
 run on the code before and after a change (e.g. `PYTHONPATH=/path/to/old/checkout`) gives one file:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/profile_istr.py --label after [--size 512x512] [--repeats 3] \
-        [--config configs/istr_r50_coco.yaml] [--out benchmarks/results/istr_cpu_profile.json]
+        [--config configs/istr_r50_coco.yaml] [--out benchmarks/results/istr_cpu_profile.json] [--no-fold]
 """
 import argparse
 import datetime
@@ -67,17 +67,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--label", required=True, help="key of this run in the output file, e.g. before / after")
     ap.add_argument("--out", default="benchmarks/results/istr_cpu_profile.json")
+    ap.add_argument("--no-fold", action="store_true", help="ablation: keep the frozen BN unfolded (inference_body = backbone.body)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     H, W = bench.parse_size(a.size)
     b = bench.build_bench_model(a.config, "cpu", H, W)
     m = b.module
+    if a.no_fold:
+        m.inference_body = lambda: m.backbone.body
     img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     sec = Sections()
     with torch.inference_mode():
         b.run(img)                                  # warm-up; builds the folded body where the code has one
     sec.hook_module(m.backbone.body, "backbone.body (ResNet)")
-    if hasattr(m, "inference_body"):
+    if hasattr(m, "inference_body") and m.inference_body() is not m.backbone.body:
         sec.hook_module(m.inference_body(), "backbone.body (ResNet)")
     sec.hook_module(m.backbone.fpn, "backbone.fpn")
     for stage in m.stages:
@@ -117,7 +120,7 @@ def main(argv=None):
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                segbook=str(Path(segbook.__file__).parent), segbook_commit=commit,
                load_average=os.getloadavg(), threads=torch.get_num_threads(), torch=torch.__version__,
-               config=a.config, size=[H, W], repeats=a.repeats,
+               config=a.config, size=[H, W], repeats=a.repeats, frozen_bn_folded=None if not hasattr(m, "inference_body") else not a.no_fold,
                call_cpu_ms=round(total, 1), call_wall_ms=round(wall, 1), sections=sections,
                profiler_total_ms=round(prof_total / 1e3, 1), top_ops=top)
     out = Path(a.out)

@@ -276,7 +276,8 @@ def bench_command(model:str, # segbook ISTR config YAML, or a peer name ('maskrc
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     res = time_alternately({r: b.run for r, b in built.items()}, image, iters, warmup, dev, amp)
     argv = f"segbook bench --model {model}" + (f" --vs {vs}" if vs else "") + \
-           f" --device {device} --size {size} --iters {iters} --warmup {warmup} --amp {amp}" + (f" --out {out}" if out else "")
+           f" --device {device} --size {size} --iters {iters} --warmup {warmup} --amp {amp}" + \
+           (f" --threads {torch.get_num_threads()}" if dev.type == "cpu" else "") + (f" --out {out}" if out else "")
     report = dict(command=argv, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=dev.type, device_name=device_name(dev), torch=torch.__version__,
                   torchvision=torchvision.__version__, threads=torch.get_num_threads(),

@@ -198,7 +198,7 @@ def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN:
 # pair replaced by one biased conv (the stem, every block's convs and its downsample). The model
 # itself is untouched — its state dict, its training and its exact resume stay as they are; `ISTR`
 # (below) uses the folded copy for CPU inference only and rebuilds it whenever a backbone tensor has
-# changed. The copy costs the body's weights once more (94 MB for ResNet-50).
+# changed. The copy costs the body's weights once more (90 MB for ResNet-50).
 
 # %%
 #| export

@@ -373,7 +373,8 @@ def bench_command(model:str, # segbook ISTR config YAML, or a peer name ('maskrc
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     res = time_alternately({r: b.run for r, b in built.items()}, image, iters, warmup, dev, amp)
     argv = f"segbook bench --model {model}" + (f" --vs {vs}" if vs else "") + \
-           f" --device {device} --size {size} --iters {iters} --warmup {warmup} --amp {amp}" + (f" --out {out}" if out else "")
+           f" --device {device} --size {size} --iters {iters} --warmup {warmup} --amp {amp}" + \
+           (f" --threads {torch.get_num_threads()}" if dev.type == "cpu" else "") + (f" --out {out}" if out else "")
     report = dict(command=argv, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=dev.type, device_name=device_name(dev), torch=torch.__version__,
                   torchvision=torchvision.__version__, threads=torch.get_num_threads(),
@@ -462,9 +463,18 @@ for bad, msg in [(dict(model="resnet_nope"), "neither a segbook config"), (dict(
 # The `*_1thread.json` runs put `torch.set_num_threads(1)` before the call. On this machine, where
 # other jobs often keep the load average at 5–8 on 2 cores, torch's default of 2 OpenMP threads makes every
 # call many times slower and very noisy (ISTR-shapes at 128×128: a 4.7 s median on 2 threads under load, 67 ms
-# on 1 thread on the idle machine), so the 1-thread runs are the ones to read. Both `*_1thread.json` files were
-# re-measured on 2026-11-23 at a load average of 0.2–0.8: ISTR R50 3.07 s vs Mask R-CNN 4.10 s at 512² (1.34×,
-# the same ratio as under load, absolute times 4.5× lower). The `threads` and `load_average` fields of each
+# on 1 thread on the idle machine), so the 1-thread runs are the ones to read. `bench_cpu_r50_1thread.json` is
+# the command `segbook bench --model configs/istr_r50_coco.yaml --vs maskrcnn_r50 --device cpu --size 512x512
+# --iters 5 --warmup 1 --amp none --threads 1`, run on 2026-12-01 at a load average of 1.3–1.7 (one other job on
+# the machine) with chapter 05's CPU inference path (masks pasted as two matrix products, frozen BN folded into
+# the convolutions, a channels-last backbone): ISTR R50 2.46 s vs Mask R-CNN 3.85 s at 512², **1.56×**. The same
+# command on the code before that path gave 3.07 s vs 4.10 s (1.34×, 2026-11-23, load 0.2–0.8).
+# `benchmarks/results/istr_cpu_profile.json` (from `benchmarks/profile_istr.py`) says where an ISTR call's
+# time goes before and after: the pasting fell from ~280 ms to ~75 ms, the ResNet body from ~730 to ~610 ms
+# (channels-last ~50 ms, folding ~75 ms); what is left is GEMM-bound — the six dynamic convolutions (~35–40 %:
+# each generates 300 × 32 768 parameters), the body (~25 %), the FPN (~14 %) and RoIAlign (~10 %).
+# `bench_cpu_r50.json` (2 threads) and `bench_cpu_shapes_1thread.json` (2026-11-23) predate the inference path.
+# The `threads` and `load_average` fields of each
 # JSON say how it ran. `bench_table` turns the files into
 # `figures/tables/bench_cpu.md`.
 
@@ -501,14 +511,14 @@ if RESULTS:
     display(Markdown(table))
 
 # %% [markdown]
-# How to read it. Rows 1–2 are the like-for-like comparison: the paper's ISTR-R50 (300 queries, 6
-# stages, l = 60 embedding) against Mask R-CNN R50-FPN at 512×512, both pasting 100 masks — on this CPU
-# ISTR is about 1.3–1.4× faster, with the same ratio on 1 and 2 threads although the absolute times
-# differ by 40 %, which is what the alternation is for. ISTR has more weights (108 M, mostly the
+# How to read it. The `istr_r50_coco` rows are the like-for-like comparison: the paper's ISTR-R50 (300
+# queries, 6 stages, l = 60 embedding) against Mask R-CNN R50-FPN at 512×512, both pasting 100 masks — on
+# this CPU ISTR is 1.56× faster on 1 thread with the current code (1.33× in the older 2-thread file, whose
+# absolute times are inflated by the load it ran under, which is what the alternation is for). ISTR has more weights (108 M, mostly the
 # dynamic-convolution generators of the six stages) but does no per-RoI mask convolutions: a profile of
 # Mask R-CNN's call (1 thread, 128×128) puts ~85 % of its time in convolutions, most of it the mask
 # head's four 3×3 convs and the transposed conv over 100 RoIs, which do not shrink with the image.
-# Rows 3–4 compare *different* backbones (the shapes ISTR is a ResNet-18 with 50 queries and 3
+# The `istr_shapes_cpu` rows compare *different* backbones (the shapes ISTR is a ResNet-18 with 50 queries and 3
 # stages, 12.7 M weights) and only show how small a model the CPU chapters train. The CPU peak memory is
 # resident-set growth during a call (allocator caching included), not a GPU figure. None of this says
 # anything yet about the GPU goal: that needs `--device cuda` runs, which the harness is ready for
