@@ -30,7 +30,7 @@ def _cmd_pca_fit(a):
     if a.from_npz:
         print(json.dumps(pca_basis_report(a.from_npz, a.data, a.split))); return
     if not a.out:
-        raise ValueError("segbook pca-fit: --out is required unless --from-npz is given")
+        raise UsageError("pca-fit: --out is required unless --from-npz is given")
     print(json.dumps(pca_fit_command(a.data, a.split, dim=a.dim, size=a.size, out=a.out,
                                      mean=a.mean, whiten=a.whiten, logit=a.logit)))
 

@@ -51,7 +51,7 @@ def _cmd_pca_fit(a):
     if a.from_npz:
         print(json.dumps(pca_basis_report(a.from_npz, a.data, a.split))); return
     if not a.out:
-        raise ValueError("segbook pca-fit: --out is required unless --from-npz is given")
+        raise UsageError("pca-fit: --out is required unless --from-npz is given")
     print(json.dumps(pca_fit_command(a.data, a.split, dim=a.dim, size=a.size, out=a.out,
                                      mean=a.mean, whiten=a.whiten, logit=a.logit)))
 
@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# %% [markdown]
+# What a script can rely on: every command prints its result as one JSON line on stdout; tables meant for a
+# person (`segbook eval`'s AP table) and progress bars go to stderr. Bad input — a missing file, a malformed
+# annotation or results file (`DatasetError`, `ResultsError`), a config key that does not exist (`ConfigError`) — ends
+# with one line `segbook: error: ...` and exit status 2, as argparse's own errors do; anything else is a bug and
+# keeps its traceback. `python -m segbook.cli` is the same entry point (what `torchrun -m segbook.cli` needs).
+
 # %%
 #| export
 def _user_errors() -> tuple:
@@ -287,3 +294,5 @@ with contextlib.redirect_stderr(err): rc = main(["eval", "--results", "r.json"])
 assert rc == 2 and err.getvalue().startswith("segbook: error: eval --results needs --data") and err.getvalue().count("\n") == 1
 with contextlib.redirect_stderr(err): rc = main(["plot", "/nonexistent/run"])
 assert rc == 2 and "metrics.jsonl" in err.getvalue().splitlines()[-1]
+with contextlib.redirect_stderr(err): rc = main(["pca-fit", "--data", "d", "--split", "train"])
+assert rc == 2 and err.getvalue().splitlines()[-1] == "segbook: error: pca-fit: --out is required unless --from-npz is given"
