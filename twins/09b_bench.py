@@ -465,9 +465,10 @@ for bad, msg in [(dict(model="resnet_nope"), "neither a segbook config"), (dict(
 # call many times slower and very noisy (ISTR-shapes at 128×128: a 4.7 s median on 2 threads under load, 67 ms
 # on 1 thread on the idle machine), so the 1-thread runs are the ones to read. `bench_cpu_r50_1thread.json` is
 # the command `segbook bench --model configs/istr_r50_coco.yaml --vs maskrcnn_r50 --device cpu --size 512x512
-# --iters 5 --warmup 1 --amp none --threads 1`, run on 2026-12-01 at a load average of 1.3–1.7 (one other job on
+# --iters 5 --warmup 1 --amp none --threads 1`, run on 2026-12-01 at a load average of 1.4–1.8 (one other job on
 # the machine) with chapter 05's CPU inference path (masks pasted as two matrix products, frozen BN folded into
-# the convolutions, a channels-last backbone): ISTR R50 2.46 s vs Mask R-CNN 3.85 s at 512², **1.56×**. The same
+# the convolutions, a channels-last backbone): ISTR R50 2.29 s vs Mask R-CNN 3.58 s at 512², **1.57×** (an earlier run
+# of the same command ten minutes before: 2.46 s vs 3.85 s, 1.56×). The same
 # command on the code before that path gave 3.07 s vs 4.10 s (1.34×, 2026-11-23, load 0.2–0.8).
 # `benchmarks/results/istr_cpu_profile.json` (from `benchmarks/profile_istr.py`) says where an ISTR call's
 # time goes before and after: the pasting fell from ~280 ms to ~75 ms, the ResNet body from ~730 to ~610 ms
@@ -513,7 +514,7 @@ if RESULTS:
 # %% [markdown]
 # How to read it. The `istr_r50_coco` rows are the like-for-like comparison: the paper's ISTR-R50 (300
 # queries, 6 stages, l = 60 embedding) against Mask R-CNN R50-FPN at 512×512, both pasting 100 masks — on
-# this CPU ISTR is 1.56× faster on 1 thread with the current code (1.33× in the older 2-thread file, whose
+# this CPU ISTR is 1.57× faster on 1 thread with the current code (1.33× in the older 2-thread file, whose
 # absolute times are inflated by the load it ran under, which is what the alternation is for). ISTR has more weights (108 M, mostly the
 # dynamic-convolution generators of the six stages) but does no per-RoI mask convolutions: a profile of
 # Mask R-CNN's call (1 thread, 128×128) puts ~85 % of its time in convolutions, most of it the mask
