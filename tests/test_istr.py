@@ -315,7 +315,7 @@ def predict_reference(model, images, sizes, orig, topk, monkeypatch):
     "The inference path without its CPU shortcuts: NCHW, BN unfolded, grid_sample paste."
     import segbook.istr as istr
     with torch.no_grad():
-        feats = model.backbone(images)
+        feats = model.backbone.fpn(model.backbone.body(images))            # NCHW, BN unfolded
         levels = [feats[n] for n in istr.FPN_LEVELS]
         boxes, x = model.initial_queries(levels, sizes)
         for stage in model.stages:

@@ -165,7 +165,7 @@ def load_istr_config(path:str|Path, # YAML file with a `model:` section
 #| export
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 
-def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN:
+def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN: # a ResNetFPN (below)
     "torchvision ResNet (`cfg.backbone`) + FPN of width `cfg.hidden`; returns {'p2'..'p5', 'pool'}."
     norm = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
     body = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
@@ -185,8 +185,8 @@ def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN:
     for name, prm in body.named_parameters():
         prm.requires_grad_(any(name.startswith(t) for t in train))
     c = body.inplanes // 8  # 64 for resnet18/34, 256 for resnet50/101
-    return BackboneWithFPN(body, {f"layer{i + 1}": lvl for i, lvl in enumerate(FPN_LEVELS)},
-                           [c * 2 ** i for i in range(4)], cfg.hidden)
+    return ResNetFPN(body, {f"layer{i + 1}": lvl for i, lvl in enumerate(FPN_LEVELS)},
+                     [c * 2 ** i for i in range(4)], cfg.hidden)
 
 
 # %% [markdown]
@@ -196,9 +196,12 @@ def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN:
 # $a = \gamma/\sqrt{\sigma^2+\epsilon}$ and $b = \beta - \mu a$, so it folds into the convolution:
 # $W' = a W$, bias $b$. `fold_frozen_bn` makes a copy of the ResNet body with every conv → frozen-BN
 # pair replaced by one biased conv (the stem, every block's convs and its downsample). The model
-# itself is untouched — its state dict, its training and its exact resume stay as they are; `ISTR`
-# (below) uses the folded copy for CPU inference only and rebuilds it whenever a backbone tensor has
-# changed. The copy costs the body's weights once more (90 MB for ResNet-50).
+# itself is untouched — its state dict, its training and its exact resume stay as they are.
+# `build_resnet_fpn` returns a `ResNetFPN`: torchvision's `BackboneWithFPN` (same submodules, same
+# state dict) whose forward, on the CPU without autograd, runs the folded copy on a channels-last
+# batch, rebuilding the copy whenever a body tensor has changed. Being the backbone's own forward,
+# hooks on the backbone (the Transfiner head reads the FPN levels that way) see it. The copy costs the
+# body's weights once more (90 MB for ResNet-50).
 
 # %%
 #| export
@@ -227,6 +230,25 @@ def fold_frozen_bn(body:nn.Module) -> nn.Module:
             if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], FrozenBatchNorm2d):
                 ds[0], ds[1] = _folded_conv(ds[0], ds[1]), nn.Identity()
     return body.requires_grad_(False).eval()
+
+class ResNetFPN(BackboneWithFPN):
+    "torchvision's `BackboneWithFPN`; for CPU inference (no autograd) its ResNet body is the cached `fold_frozen_bn` copy, fed channels-last."
+    def inference_body(self) -> nn.Module:
+        "`fold_frozen_bn(self.body)`, cached until a body tensor changes (version, storage or device); `body` if no BN is frozen."
+        body = self.body
+        if not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules()):
+            return body
+        key = tuple((t.device, t.data_ptr(), None if t.is_inference() else t._version)
+                    for t in itertools.chain(body.parameters(), body.buffers()))
+        cached = self.__dict__.get("_folded_body")   # not a submodule: no state dict entry, no DDP parameter
+        if cached is None or cached[0] != key:
+            self.__dict__["_folded_body"] = cached = (key, fold_frozen_bn(body))
+        return cached[1]
+
+    def forward(self, x:torch.Tensor) -> dict: # [B, 3, H, W] -> {'p2'..'p5', 'pool'}
+        if not x.is_cuda and not torch.is_grad_enabled():
+            return self.fpn(self.inference_body()(x.contiguous(memory_format=torch.channels_last)))
+        return self.fpn(self.body(x))
 
 
 # %%
@@ -428,7 +450,7 @@ class ISTRStage(nn.Module):
 #
 # **CPU inference** (no autograd, not CUDA) runs the backbone differently, with the same numbers up
 # to float rounding: the ResNet body is the `fold_frozen_bn` copy (one biased conv per conv + frozen
-# BN, cached on the model and rebuilt when any body tensor's version or storage changed, e.g. after an
+# BN, cached on the backbone and rebuilt when any body tensor's version or storage changed, e.g. after an
 # optimiser step or `load_state_dict`), and the batch is handed over channels-last, in which oneDNN's
 # convolutions and the elementwise ops between them run faster on this CPU. `benchmarks/profile_istr.py`
 # measures what each buys (`benchmarks/results/istr_cpu_profile.json`). Training keeps the plain
@@ -467,16 +489,8 @@ class ISTR(nn.Module):
             nn.init.constant_(stage.class_logits.bias, bias)
 
     def inference_body(self) -> nn.Module:
-        "The ResNet body for inference: `fold_frozen_bn` of `backbone.body`, cached until a body tensor changes."
-        body = self.backbone.body
-        if not self.cfg.frozen_bn:
-            return body
-        key = tuple((t.device, t.data_ptr(), None if t.is_inference() else t._version)
-                    for t in itertools.chain(body.parameters(), body.buffers()))
-        cached = self.__dict__.get("_folded_body")   # not a submodule: no state dict entry, no DDP parameter
-        if cached is None or cached[0] != key:
-            self.__dict__["_folded_body"] = cached = (key, fold_frozen_bn(body))
-        return cached[1]
+        "The ResNet body CPU inference runs (`ResNetFPN.inference_body`: frozen BN folded, cached)."
+        return self.backbone.inference_body()
 
     def initial_queries(self, levels:list, # P2..P5 features
                         image_sizes:torch.Tensor): # [B, 2] (h, w)
@@ -494,10 +508,7 @@ class ISTR(nn.Module):
         targets = sizes_or_targets if isinstance(sizes_or_targets, (list, tuple)) else None
         image_sizes = (torch.stack([torch.as_tensor(t["size"]) for t in targets]) if targets is not None
                        else sizes_or_targets).to(images.device)
-        if not images.is_cuda and not torch.is_grad_enabled():   # CPU inference: folded BN, channels-last
-            feats = self.backbone.fpn(self.inference_body()(images.contiguous(memory_format=torch.channels_last)))
-        else:
-            feats = self.backbone(images)
+        feats = self.backbone(images)   # ResNetFPN: on CPU without autograd, folded BN and channels-last
         levels = [feats[n] for n in FPN_LEVELS]
         boxes, x = self.initial_queries(levels, image_sizes)
         stages = []
