@@ -304,14 +304,13 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
         terms_of = lambda b: {k: v.view(B, Q, -1)[b, :, starts[b]:starts[b + 1]] for k, v in terms.items()}
     else:
         total, terms = matching_cost_compact(pred, targets, cfg, codec)
-        c = total.detach().cpu().double().numpy()                                  # the one device→host copy; scipy solves in float64
-        blocks, solve = [c[starts[b]:starts[b + 1]] for b in range(B)], assign_rows
+        whole = total.detach().cpu().double().numpy()                              # the one device→host copy; scipy solves in float64
+        blocks, solve = [whole[starts[b]:starts[b + 1]] for b in range(B)], assign_rows
         terms_of = lambda b: {k: v[starts[b]:starts[b + 1]] for k, v in terms.items()}
-    out = []
-    for b, c in enumerate(blocks):
-        if not np.isfinite(c).all():
-            bad = [k for k, v in terms_of(b).items() if not torch.isfinite(v).all()]
-            raise ValueError(f"non-finite matching cost for image {b} from term(s) {bad or ['weighted sum']}: "
-                             "check that image's predictions (NaN logits/boxes/embeddings?) and GT boxes")
-        out.append(solve(c))
-    return out
+    if cfg.cost_layout == "batched" or not np.isfinite(whole).all():           # compact: one check of the whole [G,Q]
+        for b, c in enumerate(blocks):
+            if not np.isfinite(c).all():
+                bad = [k for k, v in terms_of(b).items() if not torch.isfinite(v).all()]
+                raise ValueError(f"non-finite matching cost for image {b} from term(s) {bad or ['weighted sum']}: "
+                                 "check that image's predictions (NaN logits/boxes/embeddings?) and GT boxes")
+    return [solve(c) for c in blocks]
