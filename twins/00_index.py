@@ -81,6 +81,7 @@
 # | `10b_pipeline` — train / eval / predict wired from config to COCO results | `segbook.pipeline` | – |
 # | `11_cli` — the `segbook` command | `segbook.cli` | – |
 # | `12_reproduce` — papermill experiments that regenerate `figures/` | `segbook.reproduce` | – |
+# | `13_report` — AP tables, per-class AP, run curves, predictions beside ground truth | `segbook.report` | – |
 # | `90_viz` — overlays and figure saving | `segbook.viz` | – |
 #
 # The experiment notebooks under `nbs/experiments/` are not chapters: `segbook reproduce` runs them
