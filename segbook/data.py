@@ -8,7 +8,7 @@ Docs: https://segbook.github.io/segbook/data.html.md"""
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'COCO_AREA_RNG', 'DatasetError', 'coco_paths', 'load_coco_json', 'annotation_problem',
            'segmentation_to_rle', 'decode_masks', 'mask_boxes', 'read_rgb', 'CocoInstances', 'Compose', 'resized_shape',
            'ResizeShortestEdge', 'RandomHorizontalFlip', 'Normalize', 'build_transforms', 'collate',
-           'render_ground_truth', 'browse', 'area_ranges', 'coco_statistics', 'find_coco_mini']
+           'render_ground_truth', 'browse', 'area_ranges', 'coco_statistics', 'find_shared', 'find_coco_mini']
 
 # %% ../nbs/01_data.ipynb #162df61a
 import contextlib
@@ -444,11 +444,19 @@ def coco_statistics(ann_file, # a COCO instances JSON
             "area_rng": rng}
 
 # %% ../nbs/01_data.ipynb #bc92cc71
+def find_shared(name:str, # folder under `shared/`, e.g. 'coco-mini'
+                env:str, # environment variable that overrides the search
+                marker:str="", # a sub-path the folder must hold to count (e.g. 'annotations')
+                start=None, # where to start looking (default: the working directory)
+               ) -> Path|None:
+    "`$env`, else the first `shared/name` (holding `marker`) beside `start` or one of its parents; None if absent."
+    if os.environ.get(env): return Path(os.environ[env])
+    start = Path(start or Path.cwd()).resolve()
+    for d in [start, *start.parents]:
+        if (d / "shared" / name / marker).is_dir(): return d / "shared" / name
+    return None
+
 def find_coco_mini(start=None, # where to start looking (default: the working directory)
                   ) -> Path|None:
     "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` or one of its parents; None if absent."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    start = Path(start or Path.cwd()).resolve()
-    for d in [start, *start.parents]:
-        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
-    return None
+    return find_shared("coco-mini", "SEGBOOK_COCO_MINI", "annotations", start)

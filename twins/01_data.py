@@ -695,14 +695,22 @@ assert "a.png" in error_of(lambda: CocoInstances(r, "val", on_bad_image="raise")
 
 # %%
 #| export
+def find_shared(name:str, # folder under `shared/`, e.g. 'coco-mini'
+                env:str, # environment variable that overrides the search
+                marker:str="", # a sub-path the folder must hold to count (e.g. 'annotations')
+                start=None, # where to start looking (default: the working directory)
+               ) -> Path|None:
+    "`$env`, else the first `shared/name` (holding `marker`) beside `start` or one of its parents; None if absent."
+    if os.environ.get(env): return Path(os.environ[env])
+    start = Path(start or Path.cwd()).resolve()
+    for d in [start, *start.parents]:
+        if (d / "shared" / name / marker).is_dir(): return d / "shared" / name
+    return None
+
 def find_coco_mini(start=None, # where to start looking (default: the working directory)
                   ) -> Path|None:
     "`$SEGBOOK_COCO_MINI`, else the first `shared/coco-mini` beside `start` or one of its parents; None if absent."
-    if os.environ.get("SEGBOOK_COCO_MINI"): return Path(os.environ["SEGBOOK_COCO_MINI"])
-    start = Path(start or Path.cwd()).resolve()
-    for d in [start, *start.parents]:
-        if (d / "shared" / "coco-mini" / "annotations").is_dir(): return d / "shared" / "coco-mini"
-    return None
+    return find_shared("coco-mini", "SEGBOOK_COCO_MINI", "annotations", start)
 
 
 # %%

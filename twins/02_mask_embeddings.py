@@ -622,11 +622,8 @@ OFFICIAL_PCA_NAME = "coco_2017_train_class_agnosticTrue_whitenTrue_sigmoidTrue_{
 def find_official_pca(start=None, # where to start looking (default: the working directory)
                      ) -> Path|None:
     "`$SEGBOOK_ISTR_PCA`, else the first `shared/istr-official-pca` beside `start` or one of its parents; None if absent."
-    if os.environ.get("SEGBOOK_ISTR_PCA"): return Path(os.environ["SEGBOOK_ISTR_PCA"])
-    start = Path(start or Path.cwd()).resolve()
-    for d in [start, *start.parents]:
-        if (d / "shared" / "istr-official-pca").is_dir(): return d / "shared" / "istr-official-pca"
-    return None
+    from segbook.data import find_shared
+    return find_shared("istr-official-pca", "SEGBOOK_ISTR_PCA", start=start)
 
 
 # %%
