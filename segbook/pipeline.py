@@ -40,8 +40,9 @@ def train_dataset(cfg:TrainConfig) -> CocoInstances:
     return CocoInstances(d.root, d.train_split, transforms=build_transforms(True, d.min_size, d.max_size, d.max_size_cap, d.flip, d.test_size))
 
 def eval_dataset(cfg:TrainConfig, split:str|None=None) -> CocoInstances:
-    "An evaluation split (crowd regions kept, flagged) at test size."
-    return CocoInstances(cfg.data.root, split or cfg.data.val_split, transforms=eval_transforms(cfg), train=False)
+    "An evaluation split (crowd regions kept, flagged) at test size; an unreadable image raises, `predict_dataset` excludes it."
+    return CocoInstances(cfg.data.root, split or cfg.data.val_split, transforms=eval_transforms(cfg), train=False,
+                         on_bad_image="raise")
 
 # %% ../nbs/10b_pipeline.ipynb #07ee3a5f
 def istr_settings(cfg:TrainConfig) -> dict|None:
@@ -110,12 +111,21 @@ def _build_model(cfg:TrainConfig) -> torch.nn.Module:
 @torch.no_grad()
 def predict_dataset(model, ds:CocoInstances, device="cpu", batch_size:int=8, max_images:int|None=None,
                     topk:int=100, progress:bool=True) -> tuple:
-    "Run `model.predict` over `ds` -> (predictions list, COCO image ids)."
+    "Run `model.predict` over `ds` -> (predictions list, COCO image ids); an image that cannot be read is left out and counted."
     model.eval()
     n = len(ds) if max_images is None else min(max_images, len(ds))
     preds, ids = [], []
     for start in tqdm(range(0, n, batch_size), desc="predict", disable=not progress, leave=False):
-        images, targets = collate([ds[i] for i in range(start, min(n, start + batch_size))])
+        samples = []
+        for i in range(start, min(n, start + batch_size)):
+            try:
+                samples.append(ds[i])
+            except DatasetError as e:  # scoring another image in its place would change AP silently
+                ds.skipped["image_excluded_from_eval"] += 1
+                warnings.warn(f"{e}; excluded from the evaluation (its ground truth and predictions)")
+        if not samples:
+            continue
+        images, targets = collate(samples)
         sizes = torch.stack([t["size"] for t in targets]).to(device)
         orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
         out = model.predict(images.to(device), sizes, orig, topk=topk)
@@ -142,12 +152,17 @@ def evaluate_model(model, ds:CocoInstances, device="cpu", max_images:int|None=No
     "COCO box / mask / boundary AP of `model` on `ds` (optionally saving the COCO results JSON)."
     from segbook.evaluation import evaluate_coco, predictions_to_coco, save_coco_results
     t0 = time.time()
+    excluded = ds.skipped["image_excluded_from_eval"]
     preds, ids = predict_dataset(model, ds, device, max_images=max_images, progress=progress)
+    excluded = ds.skipped["image_excluded_from_eval"] - excluded
+    if excluded and not ids:
+        raise DatasetError(f"{ds.image_dir}: none of the {excluded} images to evaluate could be read")
     results = predictions_to_coco(preds, ids, ds.coco_ids)
     if results_path: save_coco_results(results, results_path)
     metrics = evaluate_coco(ds.ann_file, results, iou_types=iou_types, image_ids=ids, per_class=per_class)
     flat = flatten_metrics(metrics, dict(zip(ds.coco_ids, ds.class_names)))
-    return {**flat, "images": len(ids), "detections": len(results), "seconds": round(time.time() - t0, 2)}
+    return {**flat, "images": len(ids), "images_excluded": excluded, "detections": len(results),
+            "seconds": round(time.time() - t0, 2)}
 
 # %% ../nbs/10b_pipeline.ipynb #67c4c142
 def _atomic_json(obj, path):

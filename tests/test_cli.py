@@ -198,3 +198,30 @@ def test_eval_results_on_coco_mini(tmp_path, capsys):
     m = json.loads(cap.out)
     assert m["images"] == 100 and m["detections"] == len(res) and 0 < m["boundary_AP"] < m["segm_AP"] < 1
     assert len(m["per_class"]) == 80 and "person" in cap.err
+
+
+def test_unreadable_val_image_is_excluded_not_replaced(tmp_path):
+    "A corrupt val image is left out of GT and predictions (counted), never scored as the next image in its place."
+    import json, warnings
+    import torch
+    from segbook.config import load_config
+    from segbook.pipeline import eval_dataset, evaluate_model, predict_dataset
+    from segbook.shapes import write_shapes_dataset
+    write_shapes_dataset(tmp_path / "d", n_train=2, n_val=4, size=64, seed=1)
+    cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.val_split=val"])
+    records = json.loads((tmp_path / "d" / "annotations" / "instances_val.json").read_text())["images"]
+    bad = records[1]
+    (tmp_path / "d" / "val" / bad["file_name"]).write_bytes(b"not an image")
+
+    class NoDetections(torch.nn.Module):
+        def predict(self, images, sizes, orig, topk=100):
+            return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+                    for _ in range(len(images))]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, ids = predict_dataset(NoDetections(), eval_dataset(cfg), batch_size=2, progress=False)
+        m = evaluate_model(NoDetections(), eval_dataset(cfg), iou_types=("bbox",), progress=False)
+    assert ids == [r["id"] for r in records if r["id"] != bad["id"]]       # each readable image once, the bad one absent
+    assert m["images"] == 3 and m["images_excluded"] == 1
+    assert any("excluded from the evaluation" in str(w.message) and bad["file_name"] in str(w.message) for w in caught)
