@@ -225,3 +225,35 @@ def test_unreadable_val_image_is_excluded_not_replaced(tmp_path):
     assert ids == [r["id"] for r in records if r["id"] != bad["id"]]       # each readable image once, the bad one absent
     assert m["images"] == 3 and m["images_excluded"] == 1
     assert any("excluded from the evaluation" in str(w.message) and bad["file_name"] in str(w.message) for w in caught)
+
+
+def test_pretrain_exports_a_backbone_every_model_loads(shapes, tmp_path, capsys):
+    "`segbook pretrain` trains the dense pretext task, writes the fp16 body + FPN with a card whose sha256 matches, and the"
+    " file loads through `pretrained:` (ISTR, FPN included and frozen) and through Mask R-CNN's config."
+    import torch
+    from segbook.istr import ISTRConfig, build_resnet_fpn
+    from segbook.pretrain import sha256_file
+    from segbook.transfiner import TransfinerConfig, build_transfiner
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    w = tmp_path / "w.pt"
+    assert main(["pretrain", "--config", str(REPO / "configs" / "pretrain_shapes_cpu.yaml"), "--data", str(shapes), "--out", str(tmp_path / "run"),
+                 "--export", str(w), "--max-iters", "2", "data.batch_size=2", "data.num_workers=0", "log_period=1",
+                 "data.min_size=[64]", "data.max_size_cap=64", "data.test_size=64"]) == 0
+    torch.set_num_threads(n)
+    card = json.loads(w.with_suffix(".json").read_text())
+    assert card["sha256"] == sha256_file(w) and card["iterations"] == 2 and card["data"]["generator_seed"] == 0
+    assert 0 <= card["val"]["eval"]["semantic_miou"] <= 1 and card["data"]["n_val"] == 4
+    state = torch.load(w, weights_only=True)
+    assert state["conv1.weight"].dtype == torch.float16 and any(k.startswith("fpn.") for k in state)
+    bb = build_resnet_fpn(ISTRConfig(backbone="resnet18", hidden=64, pretrained=str(w), pretrained_fpn=True, freeze_fpn=True,
+                                     trainable_layers=0, cache_backbone_mb=16))
+    assert torch.equal(bb.body.conv1.weight, state["conv1.weight"].float()) and bb.body_is_frozen()
+    assert not any(p.requires_grad for p in bb.fpn.parameters())
+    m = build_transfiner(TransfinerConfig(detector="maskrcnn", backbone="resnet18", fpn_dim=64, pretrained=str(w), pretrained_fpn=True,
+                                          num_classes=8), with_head=False)
+    assert m is not None
+    with pytest.raises(ValueError, match="does not fit hidden"):
+        build_resnet_fpn(ISTRConfig(backbone="resnet18", hidden=32, pretrained=str(w), pretrained_fpn=True))
+    capsys.readouterr()
+    assert "does not train" in _one_line_error(capsys, ["pretrain", "--config", str(REPO / "configs" / "istr_shapes_cpu.yaml"), "--out",
+                                                       str(tmp_path / "r2"), "--export", str(tmp_path / "x.pt")])

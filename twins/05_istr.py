@@ -40,8 +40,10 @@
 # %%
 #| export
 import copy
+import hashlib
 import itertools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
@@ -81,6 +83,9 @@ class ISTRConfig:
     pretrained:str|None = None # local torchvision ResNet state-dict file; None = random init (never downloads)
     frozen_bn:bool = True # FrozenBatchNorm2d in the backbone (as ISTR) instead of BatchNorm2d
     trainable_layers:int = 3 # ResNet stages that train, counted from layer4 (3 = FREEZE_AT 2; 5 = all)
+    pretrained_fpn:bool = False # also load the FPN from the `pretrained` file's 'fpn.*' keys (segbook pretrain writes them)
+    freeze_fpn:bool = False # keep the FPN fixed too (with trainable_layers=0: the whole backbone is frozen)
+    cache_backbone_mb:float = 0.0 # > 0 with trainable_layers=0: reuse the frozen body's (and frozen FPN's) outputs per image (CPU), up to this many MB
     num_classes:int = 80 # C, sigmoid (focal) class logits
     num_queries:int = 300 # k query boxes / proposal features
     num_stages:int = 6 # N recurrent refinement stages (separate weights)
@@ -169,24 +174,40 @@ def build_resnet_fpn(cfg:ISTRConfig) -> BackboneWithFPN: # a ResNetFPN (below)
     "torchvision ResNet (`cfg.backbone`) + FPN of width `cfg.hidden`; returns {'p2'..'p5', 'pool'}."
     norm = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
     body = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
+    state = None
     if cfg.pretrained:
         p = Path(cfg.pretrained)
         if not p.is_file():
             raise FileNotFoundError(f"ISTRConfig.pretrained: no file {p}")
         state = torch.load(p, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = body.load_state_dict(state, strict=False)
+        missing, unexpected = body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fpn.")}, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing:
             raise ValueError(f"{p}: not a torchvision {cfg.backbone} state dict; missing e.g. {missing[:3]}")
+    elif cfg.pretrained_fpn:
+        raise ValueError("ISTRConfig.pretrained_fpn=True needs a `pretrained` file")
     if not 0 <= cfg.trainable_layers <= 5:
         raise ValueError(f"ISTRConfig.trainable_layers={cfg.trainable_layers}: expected 0..5")
     train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:cfg.trainable_layers] + (["bn1"] if cfg.trainable_layers == 5 else [])
     for name, prm in body.named_parameters():
         prm.requires_grad_(any(name.startswith(t) for t in train))
+    if cfg.cache_backbone_mb > 0 and (cfg.trainable_layers or not cfg.frozen_bn):
+        raise ValueError(f"cache_backbone_mb={cfg.cache_backbone_mb}: caching needs a frozen body "
+                         f"(trainable_layers=0 and frozen BN), got trainable_layers={cfg.trainable_layers}, frozen_bn={cfg.frozen_bn}")
     c = body.inplanes // 8  # 64 for resnet18/34, 256 for resnet50/101
-    return ResNetFPN(body, {f"layer{i + 1}": lvl for i, lvl in enumerate(FPN_LEVELS)},
-                     [c * 2 ** i for i in range(4)], cfg.hidden)
+    net = ResNetFPN(body, {f"layer{i + 1}": lvl for i, lvl in enumerate(FPN_LEVELS)}, [c * 2 ** i for i in range(4)], cfg.hidden)
+    if cfg.pretrained_fpn:
+        fpn_state = {k[4:]: v for k, v in state.items() if k.startswith("fpn.")}
+        if not fpn_state:
+            raise ValueError(f"{cfg.pretrained}: pretrained_fpn=True but the file has no 'fpn.*' keys (a plain torchvision file)")
+        try:
+            net.fpn.load_state_dict(fpn_state)
+        except RuntimeError as e:
+            raise ValueError(f"{cfg.pretrained}: its FPN does not fit hidden={cfg.hidden}: {str(e).splitlines()[-1].strip()}") from None
+    net.fpn.requires_grad_(not cfg.freeze_fpn)
+    net.cache_mb = float(cfg.cache_backbone_mb)
+    return net
 
 
 # %% [markdown]
@@ -231,6 +252,32 @@ def fold_frozen_bn(body:nn.Module) -> nn.Module:
                 ds[0], ds[1] = _folded_conv(ds[0], ds[1]), nn.Identity()
     return body.requires_grad_(False).eval()
 
+class FeatureCache:
+    "Per-image outputs of a fixed function (a frozen ResNet body), keyed by the image's bytes; stops adding when full."
+    def __init__(self, capacity_bytes:int):
+        self.capacity_bytes, self.used, self.hits, self.misses, self.entries = capacity_bytes, 0, 0, 0, {}
+
+    @staticmethod
+    def key(image:torch.Tensor) -> tuple: # [3, H, W] CPU tensor
+        return (tuple(image.shape), str(image.dtype), hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest())
+
+    def __call__(self, fn, # [B,3,H,W] -> OrderedDict of [B, C_l, H_l, W_l]
+                 x:torch.Tensor) -> OrderedDict: # [B, 3, H, W]
+        "`fn(x)`, computed in one batched call for the images not seen before, the others read back."
+        keys = [self.key(img) for img in x]
+        miss = [b for b, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(keys) - len(miss); self.misses += len(miss)
+        fresh = {}
+        if miss:
+            out = fn(x[miss])
+            for j, b in enumerate(miss):
+                fresh[b] = {n: f[j] for n, f in out.items()}
+                size = sum(t.numel() * t.element_size() for t in fresh[b].values())
+                if self.used + size <= self.capacity_bytes:
+                    self.entries[keys[b]] = {n: t.clone() for n, t in fresh[b].items()}; self.used += size
+        rows = [fresh.get(b) or self.entries[k] for b, k in enumerate(keys)]
+        return OrderedDict((n, torch.stack([r[n] for r in rows])) for n in rows[0])
+
 class ResNetFPN(BackboneWithFPN):
     "torchvision's `BackboneWithFPN`; for CPU inference (no autograd) its ResNet body is the cached `fold_frozen_bn` copy, fed channels-last."
     def inference_body(self) -> nn.Module:
@@ -245,9 +292,28 @@ class ResNetFPN(BackboneWithFPN):
             self.__dict__["_folded_body"] = cached = (key, fold_frozen_bn(body))
         return cached[1]
 
+    cache_mb:float = 0.0 # > 0: keep a frozen body's outputs per image (CPU), up to this many MB (`FeatureCache`)
+
+    def body_is_frozen(self) -> bool:
+        "No body parameter trains and no BatchNorm2d updates statistics: the body is a fixed function of its input."
+        return (not any(p.requires_grad for p in self.body.parameters())
+                and not any(isinstance(m, nn.BatchNorm2d) and m.training for m in self.body.modules()))
+
     def forward(self, x:torch.Tensor) -> dict: # [B, 3, H, W] -> {'p2'..'p5', 'pool'}
         if not x.is_cuda and not torch.is_grad_enabled():
             return self.fpn(self.inference_body()(x.contiguous(memory_format=torch.channels_last)))
+        if self.body_is_frozen():   # a frozen body (trainable_layers=0) keeps no graph, and may reuse its outputs
+            fpn_frozen = not any(p.requires_grad for p in self.fpn.parameters())
+            fn = (lambda z: self.fpn(self.body(z))) if fpn_frozen else self.body
+            with torch.no_grad():
+                if self.cache_mb > 0 and not x.is_cuda:
+                    cache = self.__dict__.get("_feature_cache")   # not a submodule: no state dict entry
+                    if cache is None or cache.capacity_bytes != int(self.cache_mb * 2 ** 20):
+                        self.__dict__["_feature_cache"] = cache = FeatureCache(int(self.cache_mb * 2 ** 20))
+                    out = cache(fn, x)
+                else:
+                    out = fn(x)
+            return out if fpn_frozen else self.fpn(out)
         return self.fpn(self.body(x))
 
 
@@ -264,6 +330,37 @@ _x = torch.randn(1, 3, 64, 96)
 with torch.no_grad():
     _ref, _got = _bb.body(_x), _folded(_x)
 assert all(torch.allclose(_ref[k], _got[k], rtol=1e-4, atol=1e-4) for k in _ref)
+
+# %% [markdown]
+# ### A frozen body, and its outputs cached
+#
+# With `trainable_layers=0` and frozen BN the ResNet body is a fixed function of the image: it trains nothing
+# and keeps no autograd graph (the FPN and the head still train). On a small data set seen for many epochs,
+# `cache_backbone_mb > 0` also keeps each image's body outputs (C2–C5) in memory — a `FeatureCache` keyed by
+# the image's bytes, so a flipped copy is its own entry and nothing about the data order needs to be known —
+# and computes only the images it has not seen. The outputs are those of the same body on the same image:
+# for fixed-size images (shapes) training is unchanged, only faster (`benchmarks/bench_frozen_cache.py`
+# measures by how much). It is a CPU cache: on CUDA the body is recomputed. With `freeze_fpn=True` as well
+# (after `pretrained_fpn=True` has loaded an FPN from the pretraining file) the whole backbone is fixed, the
+# cache holds the FPN levels, and only the head trains — no gradient flows back through RoIAlign at all.
+
+# %%
+torch.manual_seed(0)
+_frozen = ISTRConfig(backbone="resnet18", hidden=16, trainable_layers=0)
+_plain, _cached = build_resnet_fpn(_frozen), build_resnet_fpn(ISTRConfig(**{**asdict(_frozen), "cache_backbone_mb": 64}))
+_cached.load_state_dict(_plain.state_dict())
+assert _plain.body_is_frozen() and not build_resnet_fpn(ISTRConfig(backbone="resnet18", hidden=16)).body_is_frozen()
+_x = torch.randn(3, 3, 64, 64)
+for _batch in (_x[:2], _x[1:], _x):                 # images 1 and 2 come back in new batches
+    _a, _b = _plain(_batch), _cached(_batch)
+    assert all(torch.allclose(_a[k], _b[k], atol=1e-5) for k in _a)
+_cache = _cached.__dict__["_feature_cache"]
+assert (_cache.misses, _cache.hits) == (3, 4), (_cache.misses, _cache.hits)
+_b["p2"].sum().backward()                         # the FPN trains, the body does not
+assert _cached.fpn.inner_blocks[0][0].weight.grad is not None and all(p.grad is None for p in _cached.body.parameters())
+try:
+    build_resnet_fpn(ISTRConfig(backbone="resnet18", hidden=16, cache_backbone_mb=64)); raise AssertionError
+except ValueError as e: assert "frozen body" in str(e)
 
 
 # %% [markdown]

@@ -67,6 +67,9 @@ class TransfinerConfig:
     norm: str = "frozen"              # 'frozen' (pretrained backbones) | 'bn' (from scratch on small data)
     pretrained: Optional[str] = None  # local torchvision ResNet state dict; never downloaded
     trainable_layers: int = 3
+    pretrained_fpn: bool = False      # also load the FPN from the pretrained file's 'fpn.*' keys (needs fpn_dim to match)
+    freeze_fpn: bool = False          # keep the FPN fixed too
+    cache_backbone_mb: float = 0.0    # > 0 with trainable_layers=0 and norm 'frozen': reuse the frozen body's outputs per image (CPU)
     fpn_dim: int = 256
     anchor_sizes: list = field(default_factory=lambda: [32, 64, 128, 256, 512])
     box_head_dim: int = 1024
@@ -445,7 +448,9 @@ def build_torchvision_maskrcnn(cfg:TransfinerConfig) -> MaskRCNN:
     if cfg.norm not in ("frozen", "bn"):
         raise ValueError(f"norm: expected 'frozen' or 'bn', got {cfg.norm!r}")
     backbone = build_resnet_fpn(ISTRConfig(backbone=cfg.backbone, pretrained=cfg.pretrained, frozen_bn=cfg.norm == "frozen",
-                                           trainable_layers=cfg.trainable_layers, hidden=cfg.fpn_dim))
+                                           trainable_layers=cfg.trainable_layers, hidden=cfg.fpn_dim,
+                                           pretrained_fpn=cfg.pretrained_fpn, freeze_fpn=cfg.freeze_fpn,
+                                           cache_backbone_mb=cfg.cache_backbone_mb))
     d, c = cfg.fpn_dim, cfg.num_classes + 1  # torchvision's class 0 is background
     if len(cfg.anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes: one size per feature map P2..P5 + pool (5), got {cfg.anchor_sizes}")

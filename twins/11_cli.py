@@ -65,6 +65,11 @@ def _cmd_train(a):
                       resume=not a.no_resume, eval_images=a.eval_images)
     print(json.dumps({k: v for k, v in r.items() if k in ("iteration", "checkpoint", "eval")}, default=str))
 
+def _cmd_pretrain(a):
+    from segbook.pretrain import pretrain_command
+    card = pretrain_command(a.config, a.out, a.export, data=a.data, max_iters=a.max_iters, overrides=_overrides(a))
+    print(json.dumps(card, default=str))
+
 class UsageError(Exception):
     "A combination of arguments the parser cannot rule out by itself; reported like argparse's own errors."
 
@@ -170,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.lr=1e-4 model.num_stages=3")
     t.set_defaults(func=_cmd_train)
+
+    pt = sub.add_parser("pretrain", help="pretrain a backbone by dense prediction on a shapes split and export it for `pretrained:`")
+    pt.add_argument("--config", required=True, help="YAML config with model_type: dense_pretrain (configs/pretrain_shapes_cpu.yaml)")
+    pt.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl")
+    pt.add_argument("--export", required=True, help="weights file to write (fp16 torchvision ResNet state dict) with its .json card")
+    pt.add_argument("--data", help="dataset root (overrides data.root)")
+    pt.add_argument("--max-iters", type=int, help="overrides solver.max_iters")
+    pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    pt.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("eval", help="COCO bbox / segm / boundary AP of a checkpoint, or of a COCO results file, on a split",
                        description="Score a checkpoint (--checkpoint) or any COCO results file (--results: bbox AP when its "

@@ -286,9 +286,16 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
               "wall_seconds": round(time.perf_counter() - t_run, 1)}
     write_json_atomic(result, out / "results.json")
     dest = _repo_root() / "figures" if figures is None else (Path(figures) if figures else None)
+    claims = [c for r in entries.values() for c in (r.get("results") or {}).get("claims", [])]
+    headline = {k: v for r in entries.values() for k, v in (r.get("results") or {}).get("headline", {}).items()}
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(fig_out, dest, dirs_exist_ok=True)
+        if (claims or headline) and profile != "smoke":
+            old = json.loads((dest / "claims.json").read_text()) if (dest / "claims.json").exists() else None
+            ledger = merge_claims(old, claims, headline)
+            write_json_atomic(ledger, dest / "claims.json")
+            write_table(dest / "tables" / "claims.md", claims_markdown(ledger), echo=False)
         write_json_atomic(result, dest / "results.json")
         write_json_atomic(merge_profile_results(dest / f"results_{profile}.json", result), dest / f"results_{profile}.json")
         result["figures"] = str(dest)
@@ -298,6 +305,101 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
 
 # %% [markdown]
 # The CLI returns a non-zero exit code when `result['failed']` is not empty.
+
+# %% [markdown]
+# ## The claims ledger
+#
+# A table is a test of a claim. Each experiment notebook states the paper claims it tests as ledger entries in
+# its `results.json` (`"claims": [...]`, and `"headline": {name: [value per seed]}` for the book's key numbers);
+# `reproduce` merges them by `id` into `figures/claims.json` — an entry is replaced by its newer run, the others
+# kept, so `--only` chunks add up — and renders `figures/tables/claims.md`. The smoke profile never writes the
+# ledger: its numbers test nothing.
+#
+# A claim compares two settings $a$ and $b$ (the paper's better one first). Over seeds, ours gives
+# $\bar d = \bar a - \bar b$ and a spread $r = \max(\operatorname{range} a, \operatorname{range} b)$ (the larger seed-to-seed range
+# of the two rows). The verdict is **replicated** when $\bar d$ has the paper's sign and $|\bar d| > r$,
+# **reversed** when it has the other sign and $|\bar d| > r$, **not separable** otherwise, and **not run** without
+# two seeds of both. A claim of a value rather than a ranking (e.g. "≥ 86 % recall") uses `threshold`.
+
+# %%
+#| export
+VERDICTS = ("replicated", "reversed", "not separable", "not run")
+
+def ranking_verdict(ours_a:list, # our values of the paper's better setting, one per seed
+                    ours_b:list, # our values of the other setting, one per seed
+                    paper_a:float, paper_b:float, # the paper's values (their order gives the claimed sign)
+                    min_seeds:int=2) -> dict: # {'verdict', 'difference', 'spread'}
+    "Does our difference a − b have the paper's sign, by more than the seed spread? (see the rule above)"
+    a, b = [v for v in ours_a if v is not None], [v for v in ours_b if v is not None]
+    if len(a) < min_seeds or len(b) < min_seeds:
+        return {"verdict": "not run", "difference": None, "spread": None}
+    d = sum(a) / len(a) - sum(b) / len(b)
+    spread = max(max(a) - min(a), max(b) - min(b))
+    sign = (paper_a > paper_b) - (paper_a < paper_b)
+    if abs(d) <= spread or sign == 0:
+        v = "not separable"
+    else:
+        v = "replicated" if (d > 0) == (sign > 0) else "reversed"
+    return {"verdict": v, "difference": d, "spread": spread}
+
+def threshold_verdict(ours:list, # our values, one per seed
+                      threshold:float, # the claimed level (ours must reach it)
+                      min_seeds:int=2) -> dict:
+    "`replicated` when every seed reaches `threshold`, `reversed` when none does, `not separable` when the seeds disagree."
+    v = [x for x in ours if x is not None]
+    if len(v) < min_seeds:
+        return {"verdict": "not run", "difference": None, "spread": None}
+    hit = sum(x >= threshold for x in v)
+    return {"verdict": "replicated" if hit == len(v) else "reversed" if hit == 0 else "not separable",
+            "difference": sum(v) / len(v) - threshold, "spread": max(v) - min(v)}
+
+def merge_claims(ledger:dict|None, # the current figures/claims.json (None: empty)
+                 claims:list, # new entries (each with an 'id')
+                 headline:dict|None=None) -> dict: # new headline values (name -> per-seed list)
+    "The ledger with `claims` replacing entries of the same id (others kept, sorted by id) and `headline` keys updated."
+    ledger = {"claims": [], "headline": {}} if not ledger else {"claims": list(ledger.get("claims", [])),
+                                                             "headline": dict(ledger.get("headline", {}))}
+    by_id = {c["id"]: c for c in ledger["claims"]}
+    for c in claims:
+        if c.get("verdict") not in VERDICTS:
+            raise ValueError(f"claim {c.get('id')!r}: verdict {c.get('verdict')!r} is not one of {VERDICTS}")
+        by_id[c["id"]] = c
+    ledger["claims"] = [by_id[k] for k in sorted(by_id)]
+    ledger["headline"].update(headline or {})
+    return ledger
+
+def claims_markdown(ledger:dict) -> list: # markdown lines
+    "figures/tables/claims.md: one row per claim, the paper's values beside ours per seed, and the verdict."
+    f = lambda v: "–" if v is None else (f"{v:.1f}" if isinstance(v, (int, float)) else str(v))
+    seeds = lambda vs: " / ".join(f(v) for v in vs) if isinstance(vs, list) else f(vs)
+    lines = ["Claims ledger: each paper claim this book tests, the paper's value beside ours (one value per seed) and the "
+             "verdict (replicated / reversed / not separable / not run; rule in chapter 12). Generated from figures/claims.json.", "",
+             "| id | paper | where | claim | metric | paper values | ours (per seed) | verdict | data, profile |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in ledger["claims"]:
+        pv = "; ".join(f"{k} {f(v)}" for k, v in c.get("paper_values", {}).items())
+        ov = "; ".join(f"{k} {seeds(v)}" for k, v in c.get("ours", {}).items())
+        lines.append(f"| {c['id']} | {c.get('paper', '')} | {c.get('where', '')} | {c.get('claim', '')} | {c.get('metric', '')} | "
+                     f"{pv} | {ov} | **{c['verdict']}** | {c.get('data', '')}, {c.get('profile', '')} |")
+    if ledger.get("headline"):
+        lines += ["", "Headline numbers (per seed): " + "; ".join(f"`{k}` {seeds(v)}" for k, v in sorted(ledger["headline"].items()))]
+    return lines
+
+
+# %% [markdown]
+# The rule on small cases: the paper says $a > b$; ours agrees by more than the spread, agrees by less, disagrees by more.
+
+# %%
+assert ranking_verdict([31, 30], [27, 28], 34.2, 31.6)["verdict"] == "replicated"
+assert ranking_verdict([31, 30], [30.5, 29], 34.2, 31.6)["verdict"] == "not separable"
+assert ranking_verdict([25, 26], [30, 31], 34.2, 31.6)["verdict"] == "reversed"
+assert ranking_verdict([31], [27, 28], 34.2, 31.6)["verdict"] == "not run"
+assert threshold_verdict([0.9, 0.8], 0.5)["verdict"] == "replicated" and threshold_verdict([0.6, 0.4], 0.5)["verdict"] == "not separable"
+_l = merge_claims(None, [{"id": "b", "verdict": "reversed"}, {"id": "a", "verdict": "not run"}], {"x": [1, 2]})
+_l = merge_claims(_l, [{"id": "b", "verdict": "replicated"}], {"y": [3]})
+assert [c["id"] for c in _l["claims"]] == ["a", "b"] and _l["claims"][1]["verdict"] == "replicated" and _l["headline"] == {"x": [1, 2], "y": [3]}
+try: merge_claims(None, [{"id": "c", "verdict": "maybe"}]); raise AssertionError
+except ValueError as e: assert "maybe" in str(e)
+
 
 # %% [markdown]
 # ## What every experiment notebook starts with
@@ -438,7 +540,7 @@ tmp = Path(tempfile.mkdtemp())
 _toy_notebook(tmp / "nbs" / "good.ipynb", "import json, os, pathlib\n"
               "d = pathlib.Path(os.environ['SEGBOOK_FIGURES']) / 'tables'; d.mkdir(parents=True, exist_ok=True)\n"
               "(d / 'good.md').write_text(f'k={k}')\n"
-              "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k}))")
+              "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k, 'claims': [{'id': 'toy.k', 'verdict': 'not run', 'ours': {'k': [k]}}]}))")
 _toy_notebook(tmp / "nbs" / "bad.ipynb", "raise KeyError('boom')")
 toy = {"toy": {"good": {"k": 7}, "bad": {}}}
 res = reproduce_command("toy", tmp / "out", notebooks_dir=tmp / "nbs", profiles=toy, figures=tmp / "figs", progress=False)
@@ -447,7 +549,9 @@ res = reproduce_command("toy", tmp / "out", notebooks_dir=tmp / "nbs", profiles=
 # %%
 assert res["failed"] == ["bad"]
 assert res["notebooks"]["bad"]["error"] == "KeyError" and "boom" in res["notebooks"]["bad"]["message"]
-assert res["notebooks"]["good"]["status"] == "ok" and res["notebooks"]["good"]["results"] == {"k": 7}
+assert res["notebooks"]["good"]["status"] == "ok" and res["notebooks"]["good"]["results"]["k"] == 7
+assert json.loads((tmp / "figs" / "claims.json").read_text())["claims"][0]["ours"] == {"k": [7]}   # the ledger
+assert "toy.k" in (tmp / "figs" / "tables" / "claims.md").read_text()
 assert (tmp / "figs" / "tables" / "good.md").read_text() == "k=7"
 saved = json.loads((tmp / "figs" / "results.json").read_text())
 assert saved["profile"] == "toy" and saved["finished"] and "commit" in saved["git"] and saved["failed"] == ["bad"]
@@ -456,6 +560,7 @@ assert (tmp / "out" / "notebooks" / "bad.ipynb").exists()  # the executed copy, 
 toy["toy"]["good"] = {"k": 8}
 reproduce_command("toy", tmp / "out2", only=["good"], notebooks_dir=tmp / "nbs", profiles=toy, figures=tmp / "figs", progress=False)
 merged = json.loads((tmp / "figs" / "results_toy.json").read_text())
-assert merged["notebooks"]["good"]["results"] == {"k": 8} and merged["notebooks"]["bad"]["status"] == "failed"
+assert merged["notebooks"]["good"]["results"]["k"] == 8 and merged["notebooks"]["bad"]["status"] == "failed"
+assert json.loads((tmp / "figs" / "claims.json").read_text())["claims"][0]["ours"] == {"k": [8]}   # replaced by id
 assert merged["failed"] == ["bad"] and "--only good" in merged["command"]
 shutil.rmtree(tmp)
