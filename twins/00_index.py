@@ -70,6 +70,7 @@
 # | `03b_losses` — the set prediction loss with deep supervision | `segbook.losses` | ISTR §3.2, Eqs. 8–9 |
 # | `04_dynamic_attention` — dynamic attention and its alternatives | `segbook.attention` | ISTR Eqs. 10–11 |
 # | `05_istr` — the ISTR model, recurrent refinement, inference without NMS | `segbook.istr` | ISTR §3.3, Alg. 1 |
+# | `05b_pretrain` — the book's ImageNet: a ResNet-18-FPN pretrained by dense prediction on its own shapes split | `segbook.pretrain` | ISTR §4.1 / Transfiner §4 (ImageNet init) |
 # | `06_incoherent_regions` — incoherent regions on a mask pyramid | `segbook.incoherent` | Transfiner §3.1, Eq. 1 |
 # | `07_quadtree` — point quadtree, node sampling, propagation | `segbook.quadtree` | Transfiner §3.2 |
 # | `07b_gather` — sparse feature gather at quadtree nodes (torch + Triton) | `segbook.gather` | Transfiner §3.2 |
@@ -86,6 +87,23 @@
 #
 # The experiment notebooks under `nbs/experiments/` are not chapters: `segbook reproduce` runs them
 # with papermill parameters per profile (smoke / cpu / gpu).
+
+# %% [markdown]
+# ## What the book has tested so far
+#
+# Every paper claim the experiments test is a row of the claims ledger, `figures/claims.json`, rendered as
+# [`figures/tables/claims.md`](../figures/tables/claims.md): the paper's value beside ours per seed, and a verdict
+# (replicated / reversed / not separable / not run; the rule is in chapter 12). `segbook reproduce --profile cpu`
+# rewrites it; the cell below shows the committed one.
+
+# %%
+import json
+from pathlib import Path
+from IPython.display import Markdown
+_ledger = next((p / "figures" / "claims.json" for p in (Path.cwd(), *Path.cwd().parents) if (p / "figures" / "claims.json").exists()), None)
+if _ledger is not None:
+    from segbook.reproduce import claims_markdown
+    display(Markdown("\n".join(claims_markdown(json.loads(_ledger.read_text())))))
 
 # %% [markdown]
 # ## Reading the book in JupyterLab

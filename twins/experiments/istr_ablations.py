@@ -45,8 +45,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from segbook.reproduce import (experiment_context, logged, ranking_verdict, seconds_per_iter, train_istr_variant,
-                               write_json_atomic, write_table, _repo_root)
+from segbook.reproduce import (experiment_context, logged, ranking_verdict, seconds_per_iter, shared_run_dir,
+                               train_istr_variant, write_json_atomic, write_table, _repo_root)
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
 CONFIG = _repo_root() / "configs" / "istr_shapes_head.yaml"
@@ -86,8 +86,8 @@ for name in chosen:
     kw = {k: dict(change.get(k, {})) for k in ("model", "matching", "loss")}
     kw["model"]["pretrained"] = str(WEIGHTS)
     runs = []
-    for s in seeds:
-        run_dir = ctx.out / f"v{i:02d}_s{s}"
+    for s in seeds:   # a run some other experiment already made with the same request (e.g. Fig. 3's model) is reused
+        run_dir = shared_run_dir(ctx.shared, CONFIG, ctx.shapes, iters, batch_size, eval_images, s, kw)
         try:  # a finished variant folder (an interrupted earlier run of this notebook) returns its final evaluation
             r = train_istr_variant(CONFIG, ctx.shapes, run_dir, iters, batch_size, eval_images, s, device, **kw)
             ev = r["eval"]["eval"]
