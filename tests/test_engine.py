@@ -391,3 +391,35 @@ def test_ddp_two_gloo_processes_equal_one(tmp_path):
     m_ddp, m_one = metrics(out), metrics(tmp_path / "one")
     for a, b in zip(m_ddp, m_one):
         assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7) for k in a), (a, b)
+
+
+class NaNAfter(ToyDetector):
+    "The toy detector whose box loss (or, with `grad=True`, only its gradient) turns NaN from iteration `at` on."
+    def __init__(self, at, grad=False, **kw):
+        super().__init__(**kw); self.at, self.grad, self.calls = at, grad, 0
+    def forward(self, images, targets=None):
+        out = super().forward(images, targets)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.at:
+                if self.grad:   # finite value, NaN gradient: sqrt at 0 has an infinite derivative, times 0 -> NaN
+                    out["loss_box"] = out["loss_box"] + 0.0 * torch.sqrt(self.box.weight.sum() * 0)
+                else:
+                    out["loss_box"] = out["loss_box"] * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_nan_stops_before_the_step_and_keeps_the_last_good_checkpoint(tmp_path, grad):
+    "A NaN loss (named by term) or gradient at iteration 13 stops the run there, before any optimizer step; the"
+    " checkpoint of iteration 10 stays as it was and holds finite weights."
+    cfg = toy_cfg(30, log_period=5, checkpoint_period=10)
+    seed_everything(0)
+    model = NaNAfter(13, grad=grad)
+    loader = build_train_loader(ToySquares(48), cfg.data.batch_size, cfg.seed, toy_collate, 0)
+    with pytest.raises(FloatingPointError, match="iteration 13") as e:
+        train(model, loader, cfg, tmp_path, progress=False)
+    assert ("gradient norm" in str(e.value)) if grad else ("loss_box=nan" in str(e.value)), str(e.value)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["iteration"] == 10 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters())   # the NaN never reached the weights either

@@ -34,17 +34,19 @@
 # ## Two commands
 #
 # On a fresh machine with Python 3.10+, from the repository root. The main job — run every
-# experiment notebook at the *smoke* profile with papermill and regenerate `figures/` and
-# `figures/tables/` (a few minutes on 2 CPU cores; `--data` adds the parts that need real COCO masks,
-# leave it out if you have no coco-mini):
+# experiment notebook at the *smoke* profile with papermill and regenerate the figures and tables
+# into `runs/smoke/figures/` (a few minutes on 2 CPU cores; `--data` adds the parts that need real COCO
+# masks, leave it out if you have no coco-mini):
 #
 # ```bash
-# bash tools/install.sh && .venv/bin/segbook reproduce --profile smoke --data ../shared/coco-mini --out runs/smoke
+# bash tools/install.sh && .venv/bin/segbook reproduce --profile smoke --data ../shared/coco-mini --out runs/smoke --figures runs/smoke/figures
 # ```
 #
-# The committed `figures/` come from the longer *cpu* profile (`figures/results_cpu.json` says which
-# notebook ran when, at which commit and with which command); the smoke run overwrites them with its
-# own tiny-schedule numbers (`figures/results_smoke.json`), and every table's caption names its profile.
+# The committed `figures/` and the claims ledger `figures/claims.json` come from the longer *cpu* profile
+# (`figures/results_cpu.json` says which notebook ran when, at which commit and with which command); without
+# `--figures`, `reproduce` writes into `figures/` itself, which is how the cpu profile's results are made. Every
+# trained experiment starts from the book's pretrained backbone, `weights/shapes_resnet18.pt` (chapter
+# `05b_pretrain`, remade by `segbook pretrain`).
 #
 # All tests (the notebooks' own test cells through `nbdev-test`, then `pytest`):
 #

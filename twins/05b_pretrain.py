@@ -51,9 +51,18 @@
 # with $\mathcal{F}$ the foreground cells. Classification pretraining (ImageNet's) would teach the first and
 # not the second; a detector needs both.
 #
-# **What it costs to remake on a CPU**: about 40 minutes on one core for 2500 iterations at batch 16
-# (`configs/pretrain_shapes_cpu.yaml`), plus 30 s to write the pretraining split; the card beside the weights
-# records the measured wall time of the run that made them.
+# **What it costs to remake on a CPU**: 2491 s (41.5 min) of training on one core for 2000 iterations at batch 16
+# (`configs/pretrain_shapes_cpu.yaml`; the card's `train_seconds_logged`, on a shared 2-core machine), plus 25 s to
+# write the pretraining split:
+#
+# ```bash
+# segbook data synth --out data/pretrain --n-train 4000 --n-val 200 --seed 1000
+# OMP_NUM_THREADS=1 segbook pretrain --config configs/pretrain_shapes_cpu.yaml --out runs/pretrain --export weights/shapes_resnet18.pt
+# ```
+#
+# A killed run resumes exactly (this one was stopped once, at iteration 1500, and resumed from a committed tree: the
+# card's `commit` is the code it finished with). Its own val numbers: semantic mIoU 66.2 %, cell accuracy 95.4 %,
+# box IoU 0.85.
 
 # %%
 #| export
@@ -393,6 +402,7 @@ if WEIGHTS.is_file():
     save_figure(fig, "pretrain_features.png"); plt.show()
 
 # %% [markdown]
-# What to see: each object is one region of uniform colour with a sharp edge against the background, and objects
-# of one class share a colour wherever they are — the features already say *what* and *where*, which is what the
-# detector heads need from a backbone. The background's smooth gradient, which carries no objects, is mostly flat.
+# What to see: every object, down to the 5-px ones, stands out from the background, with a ring of changing colour from
+# its centre to its edge — the features encode where each object ends, which is what the box target taught — while the
+# background's stripes and gradients, which carry no object, are mostly flattened. Class identity is not visible in
+# three principal components; the 66 % semantic mIoU of the card says it is in the features all the same.

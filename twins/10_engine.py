@@ -472,7 +472,11 @@ def _gather_rng_states(info:DistInfo) -> list:
 # `torch.autocast` (bf16, or fp16 with a `GradScaler`; CUDA only — CPU runs fp32), backward,
 # gradient-norm clipping over all parameters (on unscaled gradients), optimizer and scheduler steps.
 # Losses are accumulated as detached tensors and turned into numbers only every `log_period`
-# iterations, so the loop does not wait on the device each step. Each log line of
+# iterations. Two checks do wait on the device every step, as detectron2's trainer does: a non-finite
+# total loss stops the run *before* `backward`, naming each `loss_*` term that is NaN/inf and the iteration (all
+# ranks agree through one all-reduce, so none is left waiting), and a non-finite gradient norm stops it before
+# the optimizer step (unless fp16's `GradScaler`, which skips such steps by design, is on). Either way no NaN
+# reaches the weights or a checkpoint: the last `last.pt` stays the last good one. Each log line of
 # `out_dir/metrics.jsonl` holds `iter`, `lr`, the period's mean of each loss and of the gradient norm
 # (averaged over ranks), and seconds per iteration; evaluation results are lines with an `eval` key.
 # TensorBoard scalars are written too when `tensorboard` is installed.
@@ -536,6 +540,19 @@ def _evaluate(model:nn.Module, evaluate_fn) -> dict:
     with torch.no_grad(): result = evaluate_fn(net)
     net.train(); restore_rng_state(rng)
     return result
+
+def _last_note(last:Path) -> str:
+    return f"the last checkpoint {last} is untouched" if last.exists() else "no checkpoint written yet"
+
+def _check_finite_loss(loss:torch.Tensor, losses:dict, iteration:int, last:Path, info:DistInfo):
+    "Stop before `backward` when the loss is NaN/inf on any process, naming the loss terms that are (one host sync per step)."
+    ok = torch.isfinite(loss.detach()).float()
+    if info.world_size > 1: dist.all_reduce(ok, op=dist.ReduceOp.MIN)   # every process stops together
+    if not bool(ok):
+        bad = [f"{k}={float(v.detach().float().sum()):.4g}" for k, v in losses.items()
+               if k.startswith("loss_") and not bool(torch.isfinite(v.detach()).all())]
+        raise FloatingPointError(f"iteration {iteration}: non-finite loss ({', '.join(bad) or 'on another process'}); "
+                                 f"no optimizer step taken, {_last_note(last)}")
 
 def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* tensors
           train_loader, # endless loader, ideally from `build_train_loader` (exact resume)
@@ -610,12 +627,16 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets)
         loss = total_loss(losses)
+        _check_finite_loss(loss, losses, it + 1, last, info)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         stats = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in losses.items() if k.startswith("loss_")}}
-        if sol.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), sol.clip_grad_norm)
+        scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), sol.clip_grad_norm if sol.clip_grad_norm > 0 else math.inf)
+        if sol.clip_grad_norm > 0: stats["grad_norm"] = grad_norm
+        if not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):   # fp16's scaler skips such steps itself
+            raise FloatingPointError(f"iteration {it + 1}: the gradient norm is {float(grad_norm)} (finite loss "
+                                     f"{float(loss.detach()):.4g}); no optimizer step taken, {_last_note(last)}")
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer); scaler.update(); scheduler.step()
         for k, v in stats.items(): sums[k] = sums[k] + v if k in sums else v

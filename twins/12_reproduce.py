@@ -362,6 +362,17 @@ def threshold_verdict(ours:list, # our values, one per seed
     return {"verdict": "replicated" if hit == len(v) else "reversed" if hit == 0 else "not separable",
             "difference": sum(v) / len(v) - threshold, "spread": max(v) - min(v)}
 
+def band_verdict(ours:list, # our values (seeds, or data splits of a deterministic analysis)
+                 target:float, # the paper's value
+                 tolerance:float) -> dict: # how far from it still counts as the same value
+    "`replicated` when every value is within `tolerance` of `target`, `reversed` when none is, `not separable` otherwise."
+    v = [x for x in ours if x is not None]
+    if not v:
+        return {"verdict": "not run", "difference": None, "spread": None}
+    hit = sum(abs(x - target) <= tolerance for x in v)
+    return {"verdict": "replicated" if hit == len(v) else "reversed" if hit == 0 else "not separable",
+            "difference": sum(v) / len(v) - target, "spread": max(v) - min(v)}
+
 def merge_claims(ledger:dict|None, # the current figures/claims.json (None: empty)
                  claims:list, # new entries (each with an 'id')
                  headline:dict|None=None) -> dict: # new headline values (name -> per-seed list)
@@ -402,6 +413,7 @@ assert ranking_verdict([31, 30], [27, 28], 34.2, 31.6)["verdict"] == "replicated
 assert ranking_verdict([31, 30], [30.5, 29], 34.2, 31.6)["verdict"] == "not separable"
 assert ranking_verdict([25, 26], [30, 31], 34.2, 31.6)["verdict"] == "reversed"
 assert ranking_verdict([31], [27, 28], 34.2, 31.6)["verdict"] == "not run"
+assert band_verdict([13.8, 14.1], 14, 2)["verdict"] == "replicated" and band_verdict([20, 13], 14, 2)["verdict"] == "not separable"
 assert threshold_verdict([0.9, 0.8], 0.5)["verdict"] == "replicated" and threshold_verdict([0.6, 0.4], 0.5)["verdict"] == "not separable"
 _l = merge_claims(None, [{"id": "b", "verdict": "reversed"}, {"id": "a", "verdict": "not run"}], {"x": [1, 2]})
 _l = merge_claims(_l, [{"id": "b", "verdict": "replicated"}], {"y": [3]})
