@@ -37,6 +37,7 @@ batch_size = 2
 eval_images = 4
 variants = [0]  # rows of VARIANTS to train, by name or position (0: the baseline); "all" for every row
 seeds = None  # training seeds (None: [seed])
+workers = 1  # rows trained side by side (one torch thread each)
 
 # %%
 import json
@@ -45,8 +46,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from segbook.reproduce import (experiment_context, logged, ranking_verdict, seconds_per_iter, shared_run_dir,
-                               train_istr_variant, write_json_atomic, write_table, _repo_root)
+from segbook.reproduce import (experiment_context, ranking_verdict, shared_run_dir, train_istr_variants, write_json_atomic,
+                               write_table, _repo_root)
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
 CONFIG = _repo_root() / "configs" / "istr_shapes_head.yaml"
@@ -79,25 +80,22 @@ chosen = list(VARIANTS) if variants == "all" else [v if isinstance(v, str) else 
 assert set(chosen) <= set(VARIANTS), f"variants: unknown {sorted(set(chosen) - set(VARIANTS))}; known: {list(VARIANTS)}"
 
 # %%
-rows = {}
+jobs, where = [], []
 for name in chosen:
-    i = list(VARIANTS).index(name)
     table, change, p_m, p_b = VARIANTS[name]
     kw = {k: dict(change.get(k, {})) for k in ("model", "matching", "loss")}
     kw["model"]["pretrained"] = str(WEIGHTS)
-    runs = []
     for s in seeds:   # a run some other experiment already made with the same request (e.g. Fig. 3's model) is reused
         run_dir = shared_run_dir(ctx.shared, CONFIG, ctx.shapes, iters, batch_size, eval_images, s, kw)
-        try:  # a finished variant folder (an interrupted earlier run of this notebook) returns its final evaluation
-            r = train_istr_variant(CONFIG, ctx.shapes, run_dir, iters, batch_size, eval_images, s, device, **kw)
-            ev = r["eval"]["eval"]
-            runs.append({"seed": s, **{k: ev[k] for k in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")},
-                         "loss_first": (logged(run_dir, "loss") or [None])[0], "loss_last": (logged(run_dir, "loss") or [None])[-1],
-                         "s_per_iter": seconds_per_iter(run_dir)})
-        except Exception as e:  # one failing switch must not hide the others: recorded and shown in the table
-            runs.append({"seed": s, "error": f"{type(e).__name__}: {e}"[:300]})
-    rows[name] = {"table": table, "paper_APm": p_m, "paper_APb": p_b, "seeds": runs}
-    print(name, runs)
+        jobs.append(dict(config=CONFIG, data_root=ctx.shapes, out_dir=run_dir, iters=iters, batch_size=batch_size,
+                         eval_images=eval_images, seed=s, device=device, **kw))
+        where.append((name, s))
+done = train_istr_variants(jobs, workers)   # a finished folder (an interrupted earlier run) only re-evaluates
+rows = {name: {"table": VARIANTS[name][0], "paper_APm": VARIANTS[name][2], "paper_APb": VARIANTS[name][3], "seeds": []} for name in chosen}
+for (name, s), r in zip(where, done):
+    rows[name]["seeds"].append({"seed": s, **({k: r["eval"][k] for k in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")} if "eval" in r else {}),
+                                **{k: v for k, v in r.items() if k != "eval"}})
+for name, r in rows.items(): print(name, r["seeds"])
 
 # %% [markdown]
 # ## Verdicts
