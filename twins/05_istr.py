@@ -343,6 +343,10 @@ assert all(torch.allclose(_ref[k], _got[k], rtol=1e-4, atol=1e-4) for k in _ref)
 # measures by how much). It is a CPU cache: on CUDA the body is recomputed. With `freeze_fpn=True` as well
 # (after `pretrained_fpn=True` has loaded an FPN from the pretraining file) the whole backbone is fixed, the
 # cache holds the FPN levels, and only the head trains — no gradient flows back through RoIAlign at all.
+# Measured (`benchmarks/results/frozen_cache.json`, one thread, shapes batch 4, the paper's head with 6 stages and
+# l = 60, four modes interleaved in one run): 0.64 s per training step fine-tuning layers 2–4 and the FPN, 0.48 s with
+# the body frozen, 0.41 s with its outputs cached, 0.20 s with body and FPN frozen and cached — 3.2× faster, which is
+# what lets a Table 1 row train for 3000 iterations in about ten minutes.
 
 # %%
 torch.manual_seed(0)
