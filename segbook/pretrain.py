@@ -12,7 +12,6 @@ __all__ = ['dense_targets', 'DensePretrainer', 'evaluate_dense', 'sha256_file', 
 # %% ../nbs/05b_pretrain.ipynb #53f8d42e
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -119,15 +118,6 @@ def evaluate_dense(model:DensePretrainer, # trained pretrainer
             "pixel_acc": correct / max(cells, 1), "images": len(ds)}
 
 # %% ../nbs/05b_pretrain.ipynb #f44d76f2
-def _git_commit(root:Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+local-changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 def _logged_seconds(path:Path, log_period:int) -> float:
     "Training seconds of a whole run, resumed or not: the engine's per-iteration `time` of each metrics line x its iterations."
     total, last = 0.0, 0
@@ -175,7 +165,9 @@ def pretrain_command(config, # YAML (configs/pretrain_shapes_cpu.yaml)
     from segbook.engine import build_train_loader, init_distributed, resolve_device, seed_everything, train
     from segbook.pipeline import eval_dataset, train_dataset, with_dataset_classes
     ov = list(overrides) + ([f"data.root={data}"] if data else []) + ([f"solver.max_iters={max_iters}"] if max_iters is not None else [])
-    commit = _git_commit(Path(__file__).resolve().parent.parent)   # the code this call starts from
+    from segbook.reproduce import git_stamp
+    stamp = git_stamp()   # the code this call starts from
+    commit = f"{stamp['commit'] or 'unknown'}{'+local-changes' if stamp['dirty'] else ''}"
     cfg = load_config(config, ov)
     if cfg.model_type != "dense_pretrain":
         raise ConfigError(f"{config}: model_type '{cfg.model_type}': segbook pretrain does not train it (expected 'dense_pretrain')")
