@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou
 
-from segbook.matching import (MatchingConfig, assign, assign_rows, cost_box_giou, cost_box_l1, cost_class, cost_mask_cosine,
+from segbook.matching import (MatchingConfig, assign, assign_rows, cost_box, cost_class, cost_mask_cosine,
                               cost_mask_dice, hungarian_match, matching_cost, matching_cost_compact, normalize_boxes,
                               pred_mask_embed, pred_mask_probs, prepare_targets)
 from stand_ins import OrthoCodec as _OrthoCodec, one_thread, rect_masks  # noqa: F401
@@ -88,9 +88,10 @@ def test_planted_matches_are_found_regardless_of_query_order():
 def test_cost_terms_have_the_paper_ranges_and_order():
     boxes = torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]])
     pairs = lambda f, a, b: f(a[:, None], b[None])                       # all pairs [P,G] by broadcasting
-    assert pairs(cost_box_giou, boxes, boxes).diag().tolist() == [-1.0, -1.0]
-    assert (pairs(cost_box_giou, boxes, boxes.flip(0)).diag() > 0).all()  # disjoint: GIoU < 0, cost > 0
-    assert pairs(cost_box_l1, boxes / 100, boxes / 100).diag().abs().max() == 0
+    l1, giou = pairs(cost_box, boxes, boxes)
+    assert giou.diag().tolist() == [-1.0, -1.0] and l1.diag().abs().max() == 0
+    assert (pairs(cost_box, boxes, boxes.flip(0))[1].diag() > 0).all()   # disjoint: GIoU < 0, cost > 0
+    assert torch.allclose(pairs(cost_box, boxes / 100, boxes.flip(0) / 100)[0].diag(), torch.full((2,), 0.8))
     e = torch.randn(3, 7)
     cos = cost_mask_cosine(e, e)
     assert torch.allclose(cos.diag(), torch.full((3,), -1.0)) and (cos >= -1 - 1e-6).all() and (cos <= 1e-6).all()
@@ -232,9 +233,11 @@ def test_elementwise_giou_is_torchvisions():
     boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 30], 1)
     boxes[:3, 2:] = boxes[:3, :2]                                           # zero-size predictions
     gt = boxes[10:25] + 1.0
-    assert torch.allclose(-cost_box_giou(boxes[:, None], gt[None]), generalized_box_iou(boxes, gt), atol=1e-6, equal_nan=True)
+    assert torch.allclose(-cost_box(boxes[:, None], gt[None])[1], generalized_box_iou(boxes, gt), atol=1e-6, equal_nan=True)
     gt_rows = gt[torch.randint(0, 15, (40,), generator=g)]                  # one GT per prediction: elementwise pairs
-    assert torch.allclose(-cost_box_giou(boxes, gt_rows), generalized_box_iou(boxes, gt_rows).diag(), atol=1e-6, equal_nan=True)
+    assert torch.allclose(-cost_box(boxes, gt_rows)[1], generalized_box_iou(boxes, gt_rows).diag(), atol=1e-6, equal_nan=True)
+    l1 = cost_box(boxes[:, None], gt[None])[0]
+    assert torch.allclose(l1, torch.cdist(boxes, gt, p=1), atol=1e-4)                # C_L1: the summed |p_k − g_k|
 
 
 def test_assign_rows_is_assign_of_the_transpose():

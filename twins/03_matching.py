@@ -168,7 +168,16 @@ def uses_codec(pred:dict) -> bool:
 #
 # C_box = λ_L1·C_L1 + λ_iou·C_iou. The L1 term compares boxes as xyxy **divided by their image's
 # width and height** (`ISTR@967c901:istr/loss.py`; DETR uses normalised cxcywh instead), so it is
-# scale-free. The IoU term is the negative generalised IoU on pixel boxes.
+# scale-free. The IoU term is the negative generalised IoU. The official code takes it on pixel boxes;
+# dividing x by w and y by h scales every axis-aligned area by the same 1/(wh), so the GIoU of the
+# normalised boxes is the same number and both terms can share one set of coordinates.
+#
+# They can share more. With d_k = |p_k − g_k| (the four summands of C_L1) and a + b the sum of two
+# coordinates, max(a, b) = (a + b + |a − b|)/2 and min(a, b) = (a + b − |a − b|)/2. The intersection
+# width is min(p_x1, g_x1) − max(p_x0, g_x0) = (w_p + w_g − d_x0 − d_x1)/2 and the enclosing width
+# max(p_x1, g_x1) − min(p_x0, g_x0) = (w_p + w_g + d_x0 + d_x1)/2. So the L1 distances, the two widths
+# and the two heights give every area the GIoU needs, without the eight max/min passes of the
+# textbook form; `cost_box` returns both terms of Eq. 5 from them (areas ×4, which the ratios cancel).
 #
 # Every cost term here is written for *pairs that broadcast*: a prediction tensor [...,4] and a GT
 # tensor [...,4] give one cost per broadcast pair. `pred[:, None]` against `gt[None]` is DETR's
@@ -187,30 +196,20 @@ def normalize_boxes(boxes:torch.Tensor, # [...,4] xyxy pixels
     h, w = size[..., 0:1].to(boxes.dtype), size[..., 1:2].to(boxes.dtype)
     return boxes / torch.cat([w, h, w, h], -1)
 
-def cost_box_l1(pred_boxes:torch.Tensor, # [...,4] image-normalised xyxy (or pixels, with `scale`)
-                gt_boxes:torch.Tensor, # [...,4] likewise, broadcastable against `pred_boxes`
-                scale:torch.Tensor|None=None, # [...,4] broadcastable: 1/(w,h,w,h) of the image, for pixel boxes
-               ) -> torch.Tensor: # [...] one cost per broadcast pair
-    "C_L1 of Eq. 5: L1 distance between normalised boxes (|p/w − g/w| = |p − g|/w: pixel boxes and `scale` give the same)."
-    cost = None
-    s = scale.unbind(-1) if scale is not None else (None,) * 4
-    for p, g, k in zip(pred_boxes.unbind(-1), gt_boxes.unbind(-1), s):   # one coordinate at a time: no [...,4] temporaries
-        d = (p - g).abs_()
-        if k is not None: d.mul_(k)
-        cost = d if cost is None else cost.add_(d)
-    return cost
-
-def cost_box_giou(pred_boxes:torch.Tensor, # [...,4] xyxy pixels
-                  gt_boxes:torch.Tensor, # [...,4] xyxy pixels, broadcastable against `pred_boxes`
-                 ) -> torch.Tensor: # [...] in [-1, 1], one cost per broadcast pair
-    "C_iou of Eq. 5: negative generalised IoU (torchvision's `generalized_box_iou`, elementwise)."
-    px0, py0, px1, py1 = pred_boxes.unbind(-1)
-    gx0, gy0, gx1, gy1 = gt_boxes.unbind(-1)
-    extent = lambda lo, hi: hi.sub_(lo).clamp_min_(0)                           # max(hi − lo, 0), in place
-    inter = extent(torch.maximum(px0, gx0), torch.minimum(px1, gx1)).mul_(extent(torch.maximum(py0, gy0), torch.minimum(py1, gy1)))
-    union = torch.add((px1 - px0) * (py1 - py0), (gx1 - gx0) * (gy1 - gy0)).sub_(inter)
-    hull = extent(torch.minimum(px0, gx0), torch.maximum(px1, gx1)).mul_(extent(torch.minimum(py0, gy0), torch.maximum(py1, gy1)))
-    return hull.sub(union).div_(hull).sub_(inter.div_(union))                 # −GIoU = (hull − union)/hull − IoU
+def cost_box(pred_boxes:torch.Tensor, # [...,4] xyxy, divided by the image's (w,h,w,h) (see `normalize_boxes`)
+             gt_boxes:torch.Tensor, # [...,4] likewise, broadcastable against `pred_boxes`
+            ) -> tuple: # (C_L1 [...], C_iou [...] in [-1, 1]): one cost per broadcast pair
+    "C_L1 and C_iou of Eq. 5 from the same four coordinate distances: Σ|p − g| and −GIoU (torchvision's, elementwise)."
+    p, g = pred_boxes.unbind(-1), gt_boxes.unbind(-1)
+    d = [(a - b).abs_() for a, b in zip(p, g)]                              # |p_k − g_k| for x0, y0, x1, y1
+    dx, dy = d[0].add_(d[2]), d[1].add_(d[3])
+    l1 = dx + dy
+    pw, ph, gw, gh = p[2] - p[0], p[3] - p[1], g[2] - g[0], g[3] - g[1]
+    sx, sy = pw + gw, ph + gh                                               # summed widths and heights
+    inter = (sx - dx).clamp_min_(0).mul_((sy - dy).clamp_min_(0))           # 4 × intersection area
+    hull = sx.add_(dx).clamp_min_(0).mul_(sy.add_(dy).clamp_min_(0))        # 4 × enclosing-box area
+    union = torch.add(pw * ph, gw * gh).mul_(4).sub_(inter)                 # 4 × union area
+    return l1, hull.sub(union).div_(hull).sub_(inter.div_(union))           # −GIoU = (hull − union)/hull − IoU
 
 
 # %% [markdown]
@@ -241,9 +240,9 @@ def cost_class(logits:torch.Tensor, # [...] logit of the GT class c for each pai
     # log p as the log of the sigmoid, clamped at the smallest normal float (a logit below about −87 costs as −87):
     # 8x faster on the CPU than F.logsigmoid, whose kernel is not vectorised; log(1 − p) = log p − z
     log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_()
-    neg = p.pow(gamma).mul_(1 - alpha).mul_(logits - log_p)       # (1−α)·p^γ·(−log(1−p))
-    pos = p.neg_().add_(1).pow_(gamma).mul_(alpha).mul_(log_p)    # −α·(1−p)^γ·(−log p)
-    return pos.add_(neg).neg_()
+    neg = (logits - log_p).mul_(p.pow(gamma))                     # p^γ·(−log(1−p))
+    pos = torch.rsub(p, 1).pow_(gamma).mul_(log_p)                # −(1−p)^γ·(−log p)
+    return pos.mul_(-alpha).sub_(neg, alpha=1 - alpha)            # α·(1−p)^γ·(−log p) − (1−α)·p^γ·(−log(1−p))
 
 
 # %% [markdown]
@@ -309,10 +308,9 @@ def matching_cost(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q,4], `ma
     boxes = pred["boxes"].flatten(0, 1)                                              # [B·Q,4]
     terms = {
         "class": cost_class(pred["logits"].flatten(0, 1)[:, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
-        "l1": cost_box_l1(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0))[:, None],
-                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0, output_size=len(labels)))[None]),
-        "giou": cost_box_giou(boxes[:, None], gt_boxes[None]),
     }
+    terms["l1"], terms["giou"] = cost_box(normalize_boxes(boxes, sizes.repeat_interleave(Q, 0))[:, None],
+                                          normalize_boxes(gt_boxes, sizes.repeat_interleave(counts, 0, output_size=len(labels)))[None])
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
     if cfg.mask_cost in ("cosine", "l1"):
         fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
@@ -409,15 +407,10 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
     labels = torch.cat([t["labels"] for t in targets]).to(dev)
     gt_boxes = torch.cat([t["boxes"] for t in targets]).to(dev, dtype)                   # [G,4]
     sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)           # [B,2]
-    # query boxes in pixels, coordinates outermost, gathered for each GT's image: four [G,Q] planes; the L1 term
-    # normalises through the GT's own image size instead of normalising every query box
-    boxes = pred["boxes"].transpose(1, 2).contiguous().index_select(0, image).transpose(1, 2)   # [G,Q,4]
-    wh = sizes[image].flip(-1).to(dtype)                                                 # [G,2] (w, h)
-    terms = {
-        "class": cost_class(pred["logits"].transpose(1, 2)[image, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma),
-        "l1": cost_box_l1(boxes, gt_boxes[:, None], torch.cat([wh, wh], -1).reciprocal_()[:, None]),
-        "giou": cost_box_giou(boxes, gt_boxes[:, None]),
-    }
+    # query boxes normalised by their image's size, coordinates outermost, gathered for each GT's image: four [G,Q] planes
+    boxes = normalize_boxes(pred["boxes"], sizes[:, None]).transpose(1, 2).contiguous().index_select(0, image).transpose(1, 2)
+    terms = {"class": cost_class(pred["logits"].transpose(1, 2)[image, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma)}
+    terms["l1"], terms["giou"] = cost_box(boxes, normalize_boxes(gt_boxes, sizes[image])[:, None])
     if cfg.mask_cost in ("cosine", "l1"):
         r = pred_mask_embed(pred)                                                        # [B,Q,l]
         g = torch.cat([t["mask_embed"] for t in targets]).to(dev, r.dtype)               # [G,l]
@@ -426,7 +419,7 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
         g_pad = g.new_zeros(B * n_max, g.shape[-1]).index_copy_(0, padded_row, g).view(B, n_max, -1)
         fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
         # both mask costs are symmetric in their two arguments: GT first gives GT-major [B,N_max,Q] directly
-        terms["mask"] = fn(g_pad, r).view(B * n_max, Q)[padded_row]
+        terms["mask"] = fn(g_pad, r).view(B * n_max, Q).index_select(0, padded_row)   # index_select: 7x faster than [ ] here
     elif cfg.mask_cost == "dice":                                                        # Table 1b ablation: per image
         m, gt = pred_mask_probs(pred, codec), torch.cat([t["masks_crop"] for t in targets]).to(dev)
         starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
@@ -479,7 +472,7 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
         terms_of = lambda b: {k: v.view(B, Q, -1)[b, :, starts[b]:starts[b + 1]] for k, v in terms.items()}
     else:
         total, terms = matching_cost_compact(pred, targets, cfg, codec)
-        whole = total.detach().cpu().double().numpy()                              # the one device→host copy; scipy solves in float64
+        whole = total.detach().cpu().numpy()                                       # the one device→host copy (scipy solves in float64)
         blocks, solve = [whole[starts[b]:starts[b + 1]] for b in range(B)], assign_rows
         terms_of = lambda b: {k: v[starts[b]:starts[b + 1]] for k, v in terms.items()}
     if cfg.cost_layout == "batched" or not np.isfinite(whole).all():           # compact: one check of the whole [G,Q]
@@ -556,7 +549,7 @@ for mc in ("none", "dice", "l1", "cosine"):
     a = hungarian_match(pred, targets, MatchingConfig(mask_cost=mc, cost_layout="batched"), codec)
     b = hungarian_match(pred, targets, MatchingConfig(mask_cost=mc, cost_layout="compact"), codec)
     assert all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v)), mc
-assert torch.allclose(-cost_box_giou(pred["boxes"][0][:, None], gt_boxes[None]), generalized_box_iou(pred["boxes"][0], gt_boxes), atol=1e-6)
+assert torch.allclose(-cost_box(pred["boxes"][0][:, None], gt_boxes[None])[1], generalized_box_iou(pred["boxes"][0], gt_boxes), atol=1e-6)
 
 # %% [markdown]
 # The assignment is optimal: on small random problems, brute force over every injective map from
