@@ -197,7 +197,7 @@ write_json_atomic({"profile": profile, "iters": iters, "batch_size": batch_size,
                                **({"note": "a row under 10 mask AP: too short a schedule to rank"} if low and profile != "smoke" else {}),
                                "command": f"segbook reproduce --profile {profile} --only compare_maskrcnn"}
                               for key, pk, what in (("segm_AP", "AP_m", "mask AP"), ("bbox_AP", "AP_b", "box AP"))],
-                   "headline": {"istr_mask_ap": per_seed("ISTR", "segm_AP"), "maskrcnn_mask_ap": per_seed("Mask R-CNN", "segm_AP"),
+                   "headline": {"istr_e2e_mask_ap": per_seed("ISTR", "segm_AP"), "maskrcnn_mask_ap": per_seed("Mask R-CNN", "segm_AP"),
                                 "istr_ms_per_image_cpu": [runs["ISTR"]["latency"]["median_ms"]],
                                 "maskrcnn_ms_per_image_cpu": [runs["Mask R-CNN"]["latency"]["median_ms"]]}},
                   ctx.out / "results.json")
