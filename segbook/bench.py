@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import write_json_atomic, write_text_atomic
+
 import torch
 import torchvision
 import torch.nn.functional as F
@@ -233,13 +235,6 @@ def device_name(device:torch.device) -> str:
         pass
     return platform.processor() or platform.machine()
 
-def _write_json_atomic(obj:dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
 
 TIMED = ("one call per image, batch 1: uint8 [3,H,W] already on the device (host-to-device copy not timed) -> "
          "float, normalise, resize to the test size (= --size for both models), pad -> network -> "
@@ -303,7 +298,7 @@ def bench_command(model:str, # segbook ISTR config YAML, or a peer name ('maskrc
     print(line, file=sys.stderr)
     if out:
         report["out"] = str(out)
-        _write_json_atomic(report, out)
+        write_json_atomic(report, out)
     return report
 
 # %% ../nbs/09b_bench.ipynb #44524560

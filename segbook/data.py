@@ -20,6 +20,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from .io import atomic_write
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -411,9 +413,8 @@ def browse(data, # dataset root
     paths = []
     for i in order:
         p = out / f"{split}_{ds.image_ids[i]}.png"
-        tmp = p.with_name(p.name + ".tmp")
-        Image.fromarray(render_ground_truth(ds, i)).save(tmp, format="png")
-        os.replace(tmp, p)
+        drawn = Image.fromarray(render_ground_truth(ds, i))
+        atomic_write(p, lambda f: drawn.save(f, format="png"), "wb")
         paths.append(p)
     return paths
 

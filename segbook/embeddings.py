@@ -18,6 +18,8 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from .io import torch_save_atomic, write_text_atomic
+
 import numpy as np
 import torch
 from torch import nn
@@ -190,13 +192,6 @@ def principal_axes(moments:MaskMoments, # accumulated sums
     return evals, axes * torch.where(sign == 0, 1.0, sign).to(axes.dtype), mu
 
 # %% ../nbs/02_mask_embeddings.ipynb #ab5b1946
-def _atomic_torch_save(obj, path:Path):
-    "torch.save to a temp file beside `path`, then rename."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 class PCACodec(nn.Module):
     "The linear mask codec of Eq. 3: `encode` masks [N,s,s] → [N,l], `decode` [N,l] → [N,s,s] probabilities."
     def __init__(self, components:torch.Tensor, # [l,s²] orthonormal rows (Dᵀ)
@@ -293,7 +288,7 @@ class PCACodec(nn.Module):
         from segbook import __version__
         path = Path(path)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        _atomic_torch_save(dict(format="segbook.PCACodec", version=1, size=self.size, dim=self.dim, logit=self.logit,
+        torch_save_atomic(dict(format="segbook.PCACodec", version=1, size=self.size, dim=self.dim, logit=self.logit,
                                 meta=dict(self.meta, segbook_version=__version__), **state), path)
         return path
 
@@ -462,11 +457,7 @@ def write_markdown_table(rows:list, # list of dicts with the same keys
     keys = list(rows[0])
     lines = ([title, ""] if title else []) + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic("\n".join(lines) + "\n", path)
 
 # %% ../nbs/02_mask_embeddings.ipynb #fd1a3d89
 def pca_fit_command(data, # dataset root holding annotations/instances_SPLIT.json

@@ -138,16 +138,15 @@ def export_backbone(model:DensePretrainer, # trained pretrainer
                     path, # weights file to write (.pt)
                     card:dict) -> dict: # facts for the card (command, data, iterations, ...); sha256 is added
     "Write the ResNet body as an fp16 torchvision state dict at `path` and its card at `path` with `.json`; returns the card."
-    from segbook.engine import atomic_save
-    from segbook.pipeline import _atomic_json
+    from segbook.io import torch_save_atomic, write_json_atomic
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     half = lambda v: (v.half() if v.is_floating_point() else v).cpu().contiguous()
     state = {k: half(v) for k, v in model.backbone.body.state_dict().items()}
     state.update({f"fpn.{k}": half(v) for k, v in model.backbone.fpn.state_dict().items()})
-    atomic_save(state, path)
+    torch_save_atomic(state, path)
     card = {**card, "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
             "format": "torchvision ResNet state dict (no fc) + the FPN under 'fpn.*' keys, fp16"}
-    _atomic_json(card, path.with_suffix(".json"))
+    write_json_atomic(card, path.with_suffix(".json"))
     return card
 
 # %% ../nbs/05b_pretrain.ipynb #29c45def

@@ -321,7 +321,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     atomic_save({"iteration": 1, "w": torch.ones(3)}, path)
     real_save = torch.save
     def crashing_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # partial bytes, then the "crash"
+        f.write(b"PK\x03\x04 half a checkpoint")  # partial bytes into the open temporary file, then the "crash"
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
@@ -338,12 +338,22 @@ def test_crash_in_training_save_keeps_last_good_checkpoint(tmp_path, monkeypatch
     def second_save_crashes(obj, f, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(f).write_bytes(b"truncated"); raise KeyboardInterrupt  # killed while writing
+            f.write(b"truncated"); raise KeyboardInterrupt  # killed while writing
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", second_save_crashes)
     with pytest.raises(KeyboardInterrupt):
         toy_run(tmp_path, toy_cfg(30))
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 10
+
+
+def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path, capsys):
+    toy_run(tmp_path, toy_cfg(10))
+    (tmp_path / ".last.pt.k1ll3d.tmp").write_bytes(b"PK half")        # SIGKILL between write and rename
+    (tmp_path / ".metrics.jsonl.x.tmp").write_text("")                # another file's: left alone
+    toy_run(tmp_path, toy_cfg(20), resume=True)
+    assert "removed 1 unfinished checkpoint file" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".metrics.jsonl.x.tmp"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 20
 
 
 def test_unreadable_checkpoint_names_file(tmp_path):

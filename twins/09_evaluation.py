@@ -43,6 +43,8 @@ import os
 import warnings
 from pathlib import Path
 
+from segbook.io import write_json_atomic
+
 import numpy as np
 import torch
 from faster_coco_eval import COCOeval_faster
@@ -113,12 +115,7 @@ def predictions_to_coco(predictions:list, # one dict per image: boxes [N,4] xyxy
 def save_coco_results(results:list, # COCO result dicts (from `predictions_to_coco`)
                       path) -> Path:
     "Write `results` as JSON to `path` atomically (temp file, then rename)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(results, path, indent=None)
 
 
 # %% [markdown]

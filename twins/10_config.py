@@ -29,6 +29,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segbook.io import write_text_atomic
+
 import yaml
 
 
@@ -395,16 +397,7 @@ def config_to_dict(cfg:TrainConfig) -> dict:
 
 def save_config(cfg:TrainConfig, path) -> Path:
     "Write the effective `cfg` as YAML to `path` (unique temp file + rename); `load_config(path)` gives it back."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f: f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), path)
 
 
 # %% [markdown]

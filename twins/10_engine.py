@@ -32,6 +32,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from segbook.io import remove_stale_temps, torch_save_atomic, write_text_atomic
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -418,7 +420,6 @@ ax.plot(lrs, drawstyle="steps-post"); ax.set_yscale("log"); ax.set_xlabel("itera
 ax.set_title("linear warm-up (10 it, from 0.01), steps at 30 and 40")
 save_figure(fig, "engine_lr_schedule.png"); plt.close(fig)
 
-
 # %% [markdown]
 # ## Checkpoints that survive a crash
 #
@@ -431,19 +432,7 @@ save_figure(fig, "engine_lr_schedule.png"); plt.close(fig)
 
 # %%
 #| export
-def atomic_save(obj, path) -> Path:
-    "`torch.save(obj)` to a temp file beside `path`, flushed to disk, then renamed over `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+atomic_save = torch_save_atomic   # `torch.save` through a unique temporary file, flushed, renamed (chapter 00b)
 
 def load_checkpoint(path) -> dict:
     "Read a checkpoint written by `train` (tensors and plain values only: `weights_only=True`)."
@@ -524,8 +513,7 @@ def _truncate_metrics(path:Path, last_iter:int):
         try: rec = json.loads(line)
         except json.JSONDecodeError: continue  # a line cut short by the kill
         if rec.get("iter", 0) <= last_iter: keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
+    write_text_atomic("".join(l + "\n" for l in keep), path)
 
 def _write_line(f, record:dict):
     f.write(json.dumps(record, default=float) + "\n"); f.flush()
@@ -581,6 +569,9 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
     last, metrics_path = out_dir / "last.pt", out_dir / "metrics.jsonl"
 
     start = 0
+    if info.is_main:   # temporary files of a writer killed mid-checkpoint (never read: the rename did not happen)
+        stale = remove_stale_temps(last)
+        if stale: print(f"[resume] removed {stale} unfinished checkpoint file(s) beside {last}", flush=True)
     if resume and last.exists():
         ck = load_checkpoint(last)
         unwrap(model).load_state_dict(ck["model"])

@@ -46,6 +46,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from segbook.io import atomic_write, write_json_atomic
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -213,16 +215,6 @@ def evaluate_model(model, ds:CocoInstances, device="cpu", max_images:int|None=No
 
 # %%
 #| export
-def _atomic_json(obj, path):
-    "Write `obj` as JSON to `path` through a uniquely named temp file in the same folder, then rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
 def load_weights(model:torch.nn.Module,
                  path, # a `segbook train` checkpoint (its "model" entry is used) or a plain state dict
                  verbose:bool=True) -> dict: # {"loaded": n, "missing": [...], "unexpected": [...], "mismatched": [...]}
@@ -272,7 +264,7 @@ def train_command(config, # YAML file
     model = build_model(cfg)
     if cfg.weights and not (resume and (out / "last.pt").exists()):  # a resumed run continues from its own checkpoint
         load_weights(model, cfg.weights, progress)
-    _atomic_json({"coco_ids": list(ds.coco_ids), "names": list(ds.class_names)}, out / "classes.json")
+    write_json_atomic({"coco_ids": list(ds.coco_ids), "names": list(ds.class_names)}, out / "classes.json")
     save_config(cfg, out / "config.yaml")
     loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
     dev = resolve_device(cfg.device, info)
@@ -308,7 +300,7 @@ def eval_command(checkpoint, data=None, split=None, device="cpu", out=None, max_
     metrics = evaluate_model(model, ds, device, max_images=max_images, results_path=out / "results.json", progress=progress,
                              per_class=per_class)
     metrics = {"checkpoint": str(checkpoint), "data": str(cfg.data.root), "split": ds.split, **metrics}
-    _atomic_json(metrics, out / "metrics.json")
+    write_json_atomic(metrics, out / "metrics.json")
     return metrics
 
 def image_ids_by_file(data, # dataset root
@@ -379,8 +371,8 @@ def predict_command(checkpoint, # a last.pt written by `segbook train`
         masks = det["masks"][:, 0] > 0.5
         labels = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(det["labels"], det["scores"])]
         png = out / (Path(p).stem + ".png")
-        fd, tmp = tempfile.mkstemp(prefix=png.name + ".", suffix=".tmp", dir=out); os.close(fd)
-        Image.fromarray(draw_instances(img, masks, det["boxes"], labels)).save(tmp, format="png"); os.replace(tmp, png)
+        drawn = Image.fromarray(draw_instances(img, masks, det["boxes"], labels))
+        atomic_write(png, lambda f: drawn.save(f, format="png"), "wb")
         written.append(str(png))
         image_id = ids[i][0] if ids is not None else Path(p).name
         for r in predictions_to_coco([det], [0], coco_ids):
@@ -391,7 +383,7 @@ def predict_command(checkpoint, # a last.pt written by `segbook train`
         print(f"predict: no detection with score >= {score_threshold} in {len(empty_images)} of {len(images)} image(s)"
               + (f"; best score there {best[1]:.3f} ({best[0]}): lower --threshold to see it" if best else "; the model returned none"),
               file=sys.stderr, flush=True)
-    _atomic_json(records, out / "predictions.json")
+    write_json_atomic(records, out / "predictions.json")
     return {"images": len(images), "detections": len(records), "overlays": written, "json": str(out / "predictions.json"),
             "no_detection": [e[0] for e in empty_images]}
 
@@ -499,7 +491,7 @@ def eval_results_command(results, # COCO results JSON
     flat = flatten_metrics(metrics, {c: d.get("name", str(c)) for c, d in coco.cats.items()})
     metrics = {"results": str(results), "data": str(data), "split": split, **flat, "images": len(coco.imgs),
                "detections": len(recs), "seconds": round(time.time() - t0, 2)}
-    if out: _atomic_json(metrics, Path(out) / "metrics.json")
+    if out: write_json_atomic(metrics, Path(out) / "metrics.json")
     return metrics
 
 

@@ -36,6 +36,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from segbook.io import write_json_atomic, write_text_atomic
 from types import SimpleNamespace
 
 import papermill
@@ -153,14 +155,6 @@ def device_stamp() -> dict:
          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if d["cuda"]: d["cuda_device"] = torch.cuda.get_device_name(0)
     return d
-
-def write_json_atomic(obj, path) -> Path:
-    "Write `obj` as JSON to `path` through a temp file in the same folder and `os.replace`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-    return path
 
 
 # %% [markdown]
@@ -468,12 +462,9 @@ def write_table(path, # .md file to write
                 lines:list, # markdown lines
                 echo:bool=True) -> Path:
     "Write markdown `lines` to `path` (temp file + rename) and print them."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f: f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic("\n".join(lines) + "\n", path)
     if echo: print("\n".join(lines))
-    return path
+    return Path(path)
 
 
 # %% [markdown]

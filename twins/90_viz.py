@@ -25,6 +25,8 @@
 import os
 from pathlib import Path
 
+from segbook.io import atomic_write
+
 import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -53,18 +55,10 @@ def figures_dir() -> Path:
 def write_figure(fig, path, # a matplotlib figure and the file to write (format from the suffix, default png)
                  dpi:int=110) -> Path:
     "Save `fig` to `path` through a uniquely named temp file in the same folder, then rename (atomic)."
-    import tempfile
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=out.suffix.lstrip(".") or "png",
-                    metadata={"Software": None} if out.suffix in ("", ".png") else None)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return out
+    fmt = out.suffix.lstrip(".") or "png"
+    return atomic_write(out, lambda f: fig.savefig(f, dpi=dpi, bbox_inches="tight", format=fmt,
+                                                   metadata={"Software": None} if fmt == "png" else None), "wb")
 
 def save_figure(fig, name:str, # file name without folder, e.g. 'data_shapes_grid.png'
                 dpi:int=110) -> Path:
