@@ -21,6 +21,7 @@ def test_failure_reported_and_others_run(tmp_path):
     _nb(nbs / "b_good.ipynb", "import json, pathlib\npathlib.Path(out_dir, 'results.json').write_text(json.dumps({'k': k, 'profile': profile}))")
     stale = tmp_path / "out" / "figures" / "tables" / "from_an_earlier_run.md"
     stale.parent.mkdir(parents=True); stale.write_text("old numbers")
+    (tmp_path / "out" / "figures" / ".made-by-segbook-reproduce").write_text("")   # made by an earlier reproduce
     res = reproduce_command("t", tmp_path / "out", notebooks_dir=nbs, profiles={"t": {"a_bad": {}, "b_good": {"k": 5}}},
                             figures=tmp_path / "figs", progress=False)
     assert not (tmp_path / "figs" / "tables" / "from_an_earlier_run.md").exists()  # a reused --out gathers only this run's
@@ -35,6 +36,9 @@ def test_failure_reported_and_others_run(tmp_path):
     assert {"commit", "dirty"} <= set(on_disk["git"]) and "torch" in on_disk["device"]
     assert all("seconds" in r for r in on_disk["notebooks"].values())
     assert not list((tmp_path / "figs").glob("*.tmp")) and not list((tmp_path / "out").glob("*.tmp"))
+    again = reproduce_command("t", tmp_path / "out", notebooks_dir=nbs, profiles={"t": {"b_good": {"k": 6}}}, progress=False)
+    assert "figures" not in again and (tmp_path / "out" / "results.json").exists()   # without --figures: only OUT
+    assert json.loads((tmp_path / "figs" / "results.json").read_text())["notebooks"].keys() == {"a_bad", "b_good"}
 
 def test_refuses_in_place(tmp_path):
     _nb(tmp_path / "x.ipynb", "pass")
@@ -47,3 +51,24 @@ def test_unknown_profile_and_notebook(tmp_path):
     (tmp_path / "nbs").mkdir()
     with pytest.raises(ValueError, match="no such notebook"):
         reproduce_command("t", tmp_path / "o", only=["missing"], notebooks_dir=tmp_path / "nbs", profiles={"t": {}}, progress=False)
+
+
+def test_out_figures_it_did_not_make_are_refused_not_deleted(tmp_path):
+    from segbook.reproduce import fresh_figures_dir
+    mine = tmp_path / "figures"; mine.mkdir(); (mine / "paper_draft.png").write_bytes(b"\x89PNG")
+    with pytest.raises(FileExistsError, match="did not write"):
+        fresh_figures_dir(mine)
+    assert (mine / "paper_draft.png").exists()
+    made = fresh_figures_dir(tmp_path / "out" / "figures")        # its own folder: emptied on the next run
+    (made / "table.md").write_text("old")
+    assert list(fresh_figures_dir(made).iterdir()) == [made / ".made-by-segbook-reproduce"]
+
+
+def test_shapes_made_for_another_profile_is_not_reused(tmp_path):
+    from segbook.reproduce import shapes_mismatch
+    from segbook.shapes import write_shapes_dataset
+    write_shapes_dataset(tmp_path, n_train=3, n_val=2, size=64, seed=0)
+    assert shapes_mismatch(tmp_path, seed=0, n_train=3, n_val=2, size=64) is None
+    assert "(0, 64, 3)" in shapes_mismatch(tmp_path, seed=0, n_train=5, n_val=2, size=64)
+    assert "seed" in shapes_mismatch(tmp_path, seed=1, n_train=3, n_val=2, size=64)
+    assert "no instances_train.json" in shapes_mismatch(tmp_path / "none", seed=0, n_train=3, n_val=2, size=64)

@@ -39,12 +39,13 @@
 # masks, leave it out if you have no coco-mini):
 #
 # ```bash
-# bash tools/install.sh && .venv/bin/segbook reproduce --profile smoke --data ../shared/coco-mini --out runs/smoke --figures runs/smoke/figures
+# bash tools/install.sh && .venv/bin/segbook reproduce --profile smoke --data ../shared/coco-mini --out runs/smoke
 # ```
 #
 # The committed `figures/` and the claims ledger `figures/claims.json` come from the longer *cpu* profile
-# (`figures/results_cpu.json` says which notebook ran when, at which commit and with which command); without
-# `--figures`, `reproduce` writes into `figures/` itself, which is how the cpu profile's results are made. Every
+# (`figures/results_cpu.json` says which notebook ran when, at which commit and with which command). `reproduce`
+# writes only under `--out` unless `--figures figures` asks it to update the book's, which is how the cpu
+# profile's results are made, in chunks: `--profile cpu --only NAME --out runs/cpu --figures figures`. Every
 # trained experiment starts from the book's pretrained backbone, `weights/shapes_resnet18.pt` (chapter
 # `05b_pretrain`, remade by `segbook pretrain`).
 #
@@ -53,6 +54,9 @@
 # ```bash
 # bash tools/test.sh
 # ```
+#
+# Neither command changes the checkout: the tests save the chapters' figures into a temporary folder
+# (`SEGBOOK_FIGURES=figures bash tools/test.sh` remakes the committed ones), and `reproduce` writes under `--out`.
 #
 # `tools/install.sh` makes `.venv/` and installs `segbook[dev]` in editable mode, with torch pinned
 # through `constraints.txt` (`torch==2.14.1`, `torchvision==0.29.1`) so pip never pulls a newer
@@ -95,8 +99,8 @@
 #
 # Every paper claim the experiments test is a row of the claims ledger, `figures/claims.json`, rendered as
 # [`figures/tables/claims.md`](../figures/tables/claims.md): the paper's value beside ours per seed, and a verdict
-# (replicated / reversed / not separable / not run; the rule is in chapter 12). `segbook reproduce --profile cpu`
-# rewrites it; the cell below shows the committed one.
+# (replicated / reversed / not separable / not run; the rule is in chapter 12). `segbook reproduce --profile cpu
+# --out runs/cpu --figures figures` rewrites it; the cell below shows the committed one.
 
 # %%
 import json

@@ -243,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="JSON file for the results")
     k.set_defaults(func=_cmd_bench)
 
-    q = sub.add_parser("reproduce", help="run the experiment notebooks (papermill) and regenerate figures/ and figures/tables/")
+    q = sub.add_parser("reproduce", help="run the experiment notebooks (papermill) into --out; --figures figures/ updates the book's figures and tables")
     q.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "gpu"], help="smoke: <=30 min on 2 CPU cores; cpu: meaningful shapes numbers; gpu: paper-like, chunked")
     q.add_argument("--only", nargs="*", help="run only these experiment notebooks (names without .ipynb)")
     q.add_argument("--data", help="coco-mini root for the experiments that need real masks (e.g. ../shared/coco-mini)")
     q.add_argument("--out", required=True, help="output folder for the executed notebooks")
-    q.add_argument("--figures", help="where figures and tables are gathered (default: the repository's figures/)")
+    q.add_argument("--figures", help="also copy figures, tables and the claims ledger here, e.g. figures/ to update the book's (default: they stay in OUT/figures)")
     q.set_defaults(func=_cmd_reproduce)
     return p
 

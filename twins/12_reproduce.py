@@ -57,9 +57,14 @@ from segbook.data import find_coco_mini
 # **Where outputs go.** While a notebook runs, `SEGBOOK_FIGURES` points at `OUT/figures`, so
 # `segbook.viz.save_figure` and the tables (`figures_dir()/'tables'/*.md`) land in the run folder. Run
 # without the driver, an experiment notebook points `SEGBOOK_FIGURES` at a temporary folder, so a
-# `nbdev-test` pass never rewrites the committed figures. After the run, the driver copies `OUT/figures`
-# into `figures` (the repository's `figures/` by default) together with `results.json`: the committed
-# figures are always the output of one named profile.
+# `nbdev-test` pass never rewrites the committed figures. A run writes only under `OUT`; with `--figures DIR`
+# (the book's own runs pass the repository's `figures/`) the driver then copies `OUT/figures` into `DIR` together
+# with `results.json` and merges the claims ledger there: the committed figures are always the output of one named
+# profile, and a reader's first `segbook reproduce` leaves the checkout as it was.
+#
+# **What it deletes.** `OUT/figures` is emptied at the start of a run, so only this run's tables are gathered — but
+# only if an earlier `reproduce` made it (it leaves a marker file there); a folder of someone else's files is
+# refused with an error, not deleted.
 #
 # Each notebook also gets `out_dir` (its own folder under `OUT/runs/`, for checkpoints) and may write
 # `out_dir/results.json` (its numbers); the driver copies that into the `results` of its entry.
@@ -205,10 +210,37 @@ def run_notebook(notebook, # input .ipynb with a `parameters`-tagged cell
 # (`profile`, `out_dir`, `shapes_root`, `coco_root`, `seed`, `device`) and its own from `PROFILES`; a
 # notebook's parameters cell must declare every name it is given (papermill injects them after that cell,
 # and a name the notebook never reads would hide a typo). The shapes data set is generated once per run
-# folder (`OUT/data/shapes`) with the profile's size, unless one is already there.
+# folder (`OUT/data/shapes`) with the profile's seed, size and image counts; one already there is reused only if
+# its annotation files say it was made with exactly those (`shapes_mismatch`), and regenerated otherwise.
 
 # %%
 #| export
+_MADE_BY = ".made-by-segbook-reproduce"
+
+def fresh_figures_dir(path, # OUT/figures
+                     ) -> Path:
+    "Empty `path` for this run's figures, if an earlier `reproduce` made it; refuse to delete a folder it did not make."
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / _MADE_BY).exists():
+        raise FileExistsError(f"{path} holds files that segbook reproduce did not write: choose another --out, or move them")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / _MADE_BY).write_text("this folder is emptied at the start of every `segbook reproduce --out` into its parent\n")
+    return path
+
+def shapes_mismatch(root, seed:int, n_train:int, n_val:int, size:int) -> str|None:
+    "Why the shapes set at `root` is not the one asked for (missing, other seed/size/count), or None when it is."
+    for split, n in (("train", n_train), ("val", n_val)):
+        ann = Path(root) / "annotations" / f"instances_{split}.json"
+        if not ann.exists(): return f"no {ann.name}"
+        try: d = json.loads(ann.read_text())
+        except (OSError, json.JSONDecodeError) as e: return f"{ann.name} unreadable ({type(e).__name__})"
+        info = d.get("info") or {}
+        have = (info.get("seed"), info.get("size"), len(d.get("images", [])))
+        if have != (seed, size, n):
+            return f"{ann.name} was made with seed/size/images {have}, this profile needs {(seed, size, n)}"
+    return None
+
 def merge_profile_results(path, # figures/results_<profile>.json: every notebook's latest run of one profile
                           result:dict, # the reproduce run just finished
                          ) -> dict:
@@ -226,7 +258,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
                       out:str, # run folder: notebooks/, runs/, figures/, data/, results.json
                       only:list|None=None, # experiment names to run (default: all of EXPERIMENTS)
                       data:str|None=None, # coco-mini root (annotations/instances_{train,val}2017.json); None: skip its parts
-                      figures:str|None=None, # where figures, tables/ and results.json are copied; None: <repo>/figures; '' : no copy
+                      figures:str|None=None, # also copy figures, tables/, results.json and the ledger here (e.g. the repository's figures/); None: only OUT/figures
                       notebooks_dir:str|None=None, # folder of the experiment notebooks (default: <repo>/nbs/experiments)
                       profiles:dict|None=None, # profile table (default: PROFILES); tests pass their own
                       seed:int=0, # seed handed to every notebook
@@ -246,7 +278,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     # only this invocation's figures are gathered: an --out reused from an earlier run (another chunk, older code)
     # must not copy its stale tables over newer ones
-    fig_out = out / "figures"; shutil.rmtree(fig_out, ignore_errors=True); fig_out.mkdir(parents=True)
+    fig_out = fresh_figures_dir(out / "figures")
     if data is not None and not (Path(data) / "annotations").is_dir():
         raise FileNotFoundError(f"--data {data}: no annotations/ folder (expected a COCO root such as shared/coco-mini)")
     t_run = time.perf_counter()
@@ -254,8 +286,10 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
     if "_shapes" in table:
         from segbook.shapes import write_shapes_dataset
         shapes_root = out / "data" / "shapes"
-        if not (shapes_root / "annotations" / "instances_val.json").exists():
-            if progress: print(f"[reproduce] generating shapes data {table['_shapes']} -> {shapes_root}", flush=True)
+        stale = shapes_mismatch(shapes_root, seed=seed, **table["_shapes"])
+        if stale:
+            if progress: print(f"[reproduce] generating shapes data {table['_shapes']} -> {shapes_root} ({stale})", flush=True)
+            for part in ("annotations", "train", "val"): shutil.rmtree(shapes_root / part, ignore_errors=True)
             write_shapes_dataset(shapes_root, seed=seed, **table["_shapes"])
     stamp = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed,
              "device_requested": device, "device": device_stamp(), "git": git_stamp(),
@@ -288,7 +322,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
     result = {**stamp, "notebooks": entries, "finished": True, "failed": failed,
               "wall_seconds": round(time.perf_counter() - t_run, 1)}
     write_json_atomic(result, out / "results.json")
-    dest = _repo_root() / "figures" if figures is None else (Path(figures) if figures else None)
+    dest = Path(figures) if figures else None
     claims = [c for r in entries.values() for c in (r.get("results") or {}).get("claims", [])]
     headline = {k: v for r in entries.values() for k, v in (r.get("results") or {}).get("headline", {}).items()}
     if dest is not None:
