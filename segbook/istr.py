@@ -27,6 +27,7 @@ from torchvision.ops import roi_align, box_convert
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .attention import QuerySelfAttention, DynamicConv, RoIMultiheadAttention
+from .config import NONNEG, POSITIVE, PROB, check_ranges, typed_fields
 
 # %% ../nbs/05_istr.ipynb #242269e9
 @dataclass
@@ -63,6 +64,11 @@ class ISTRConfig:
     box_weights:tuple = (2.0, 2.0, 1.0, 1.0) # box-delta weights (dx, dy, dw, dh)
     scale_clamp:float = math.log(1e5 / 16) # clamp on dw, dh before exp
     prior_prob:float = 0.01 # initial class probability: class bias = -log((1-p)/p)
+    _ranges = dict(trainable_layers=NONNEG, cache_backbone_mb=NONNEG, num_classes=POSITIVE, num_queries=POSITIVE,
+                   num_stages=POSITIVE, hidden=POSITIVE, heads=POSITIVE, dim_dynamic=POSITIVE, num_dynamic=POSITIVE,
+                   ffn=POSITIVE, num_cls=NONNEG, num_reg=NONNEG, num_mask=NONNEG, mask_dim=POSITIVE, mask_size=POSITIVE,
+                   pooler_resolution=POSITIVE, sampling_ratio=NONNEG, box_weights=POSITIVE, scale_clamp=POSITIVE,
+                   prior_prob=PROB)
 
     def __post_init__(self):
         choices = dict(backbone=("resnet18", "resnet34", "resnet50", "resnet101"), mask_head=("embedding", "raw"),
@@ -83,13 +89,14 @@ class ISTRConfig:
 
     @classmethod
     def from_dict(cls, d:dict, # keys = field names
-                  source:str="config"): # named in errors (e.g. the YAML file)
+                  source:str="config", # named in errors (e.g. the YAML file)
+                  prefix:str="model."): # the section's key path, named in range and type errors
         "Build from a dict, naming `source` and the key when a key is unknown."
         names = {f.name for f in fields(cls)}
         bad = sorted(set(d) - names)
         if bad:
-            raise ValueError(f"{source}: unknown ISTR model key(s) {bad}; known: {sorted(names)}")
-        return cls(**d)
+            raise ValueError(f"{source}: unknown ISTR model key(s) {[prefix + k for k in bad]}; known: {sorted(names)}")
+        return check_ranges(cls(**typed_fields(cls, d, source, prefix)), source, prefix)
 
 def load_istr_config(path:str|Path, # YAML file with a `model:` section
                      overrides:list|tuple=()) -> ISTRConfig: # 'key=value' strings (values parsed as YAML)

@@ -28,6 +28,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import box_iou, roi_align, sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .config import NONNEG, POSITIVE, PROB, check_ranges, typed_fields
 from .gather import gather_points
 from .incoherent import crop_masks, incoherent_pyramid
 from .quadtree import (build_quadtree, propagate, roi_pyramid_levels, sample_nodes, select_nodes, trim_padding,
@@ -92,15 +93,23 @@ class TransfinerConfig:
     w_coarse: float = 1.0
     w_refine: float = 1.0
     w_incoherent: float = 0.5
+    _ranges = dict(num_classes=POSITIVE, trainable_layers=NONNEG, cache_backbone_mb=NONNEG, fpn_dim=POSITIVE,
+                   anchor_sizes=POSITIVE, box_head_dim=POSITIVE, rpn_batch_size_per_image=POSITIVE,
+                   box_batch_size_per_image=POSITIVE, rpn_pre_nms_top_n_train=POSITIVE, rpn_post_nms_top_n_train=POSITIVE,
+                   rpn_pre_nms_top_n_test=POSITIVE, rpn_post_nms_top_n_test=POSITIVE, box_score_thresh=PROB, sizes=POSITIVE,
+                   first_offset=NONNEG, detector_dim=POSITIVE, inc_threshold=PROB, nodes_per_level=POSITIVE,
+                   min_nodes=NONNEG, max_train_rois=POSITIVE, max_nodes_per_roi=POSITIVE, max_nodes_total=POSITIVE,
+                   refine_topk=POSITIVE, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
+                   w_detect=NONNEG, w_coarse=NONNEG, w_refine=NONNEG, w_incoherent=NONNEG)
 
     @classmethod
     def from_dict(cls, d:dict, # the YAML `model:` section
-                  source:str="model"):
+                  source:str="config", prefix:str="model."):
         names = {f.name for f in fields(cls)}
         bad = sorted(set(d) - names)
         if bad:
-            raise ValueError(f"{source}: unknown TransfinerConfig field(s) {bad}")
-        return cls(**d)
+            raise ValueError(f"{source}: unknown TransfinerConfig field(s) {[prefix + k for k in bad]}")
+        return check_ranges(cls(**typed_fields(cls, d, source, prefix)), source, prefix)
 
 # %% ../nbs/08_transfiner.ipynb #201df5c6
 def fpn_strides(levels:list) -> list:
@@ -477,7 +486,7 @@ def istr_config(cfg:TransfinerConfig): # detector='istr'
     if "num_classes" in cfg.istr:
         raise ValueError("model.istr.num_classes: set model.num_classes instead (one class count; `segbook train` "
                          "takes it from the data set)")
-    icfg = ISTRConfig.from_dict({**cfg.istr, "num_classes": cfg.num_classes}, source="model.istr")
+    icfg = ISTRConfig.from_dict({**cfg.istr, "num_classes": cfg.num_classes}, prefix="model.istr.")
     if icfg.mask_size != cfg.sizes[0]:
         raise ValueError(f"model.istr.mask_size={icfg.mask_size} must equal model.sizes[0]={cfg.sizes[0]}: "
                          "ISTR's decoded mask is the coarse grid the head refines")

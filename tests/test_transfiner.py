@@ -204,7 +204,7 @@ def test_config_rejects_unknown_keys_and_bad_istr_settings():
         build_transfiner({"detector": "istr", "istr": {**ISTR_TINY, "num_classes": 3}}, codec=disc_codec())
     with pytest.raises(ValueError, match="mask_size"):                # ISTR's mask is the head's coarse grid
         build_transfiner({"detector": "istr", "istr": {**ISTR_TINY, "mask_size": 14}}, codec=disc_codec())
-    with pytest.raises(ValueError, match="model.istr: unknown"):
+    with pytest.raises(ValueError, match=r"unknown ISTR model key\(s\) \['model.istr.hiden'\]"):
         build_transfiner({"detector": "istr", "istr": {**ISTR_TINY, "hiden": 8}}, codec=disc_codec())
 
 

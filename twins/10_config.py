@@ -23,6 +23,7 @@
 # %%
 #| export
 import dataclasses
+import math
 import os
 import tempfile
 import typing
@@ -32,7 +33,6 @@ from pathlib import Path
 from segbook.io import write_text_atomic
 
 import yaml
-
 
 # %% [markdown]
 # ## The sections
@@ -59,8 +59,16 @@ import yaml
 # `max_size_cap`, `flip` probability, `test_size`). `data.batch_size` is the **global** batch, split evenly over the processes of a distributed run
 # (ISTR: 16 = 4 GPUs x 4 images), so the same file gives the same optimisation on 1 or N GPUs.
 
+# %% [markdown]
+# Each section also says which values make sense: `_ranges` maps a numeric field to `POSITIVE`, `NONNEG` or `PROB`
+# (for a list, every element), checked when a file is loaded (`check_ranges`, below), so `data.flip: 1.5` or
+# `model.num_queries: 0` is refused before any work with the file and key named, instead of training with a flip
+# that always fires or crashing later inside torch.
+
 # %%
 #| export
+POSITIVE, NONNEG, PROB = "> 0", ">= 0", "in [0, 1]"
+
 def _shorter_sides() -> list: return list(range(480, 801, 32))
 
 @dataclass
@@ -76,6 +84,8 @@ class DataConfig:
     flip: float = 0.5  # horizontal-flip probability in training (0 switches it off)
     batch_size: int = 16  # global batch: divided by the number of processes
     num_workers: int = 2  # data-loader worker processes per training process
+    _ranges: typing.ClassVar[dict] = dict(min_size=POSITIVE, max_size=POSITIVE, max_size_cap=POSITIVE, test_size=POSITIVE,
+                                          flip=PROB, batch_size=POSITIVE, num_workers=NONNEG)
 
 @dataclass
 class SolverConfig:
@@ -95,6 +105,9 @@ class SolverConfig:
     reference_batch: int = 0  # > 0: lr x data.batch_size / reference_batch (linear scaling rule); 0: off (or already applied)
     clip_grad_norm: float = 1.0  # max L2 norm of all gradients together; 0 switches clipping off
     amp: str = "none"  # 'none' | 'bf16' | 'fp16' (CUDA only; CPU always runs fp32)
+    _ranges: typing.ClassVar[dict] = dict(lr=POSITIVE, weight_decay=NONNEG, momentum=PROB, betas=PROB, warmup_iters=NONNEG,
+                                          warmup_factor=PROB, steps=POSITIVE, gamma=POSITIVE, max_iters=POSITIVE,
+                                          reference_batch=NONNEG, clip_grad_norm=NONNEG)
 
 @dataclass
 class TrainConfig:
@@ -111,6 +124,7 @@ class TrainConfig:
     log_period: int = 20  # iterations between lines of metrics.jsonl
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda'
     weights: typing.Optional[str] = None  # checkpoint to start from (a run's last.pt or a state dict; detectron2's MODEL.WEIGHTS)
+    _ranges: typing.ClassVar[dict] = dict(eval_period=NONNEG, checkpoint_period=POSITIVE, log_period=POSITIVE)
 
 
 # %% [markdown]
@@ -171,7 +185,25 @@ def _from_dict(cls, d:dict, source:str, prefix:str=""):
         t = hints[k]
         kwargs[k] = (_from_dict(t, v, source, f"{prefix}{k}.") if dataclasses.is_dataclass(t)
                      else _check_value(v, t, f"{source}: '{prefix}{k}'"))
-    return cls(**kwargs)
+    return check_ranges(cls(**kwargs), source, prefix)
+
+def typed_fields(cls, d:dict, # a dataclass and a mapping of some of its field names (unknown names pass through)
+                 source:str="config", prefix:str="") -> dict:
+    "`d` with each value checked and converted to its field's type (see `_check_value`), for configs owned by other modules."
+    hints = typing.get_type_hints(cls)
+    return {k: _check_value(v, hints[k], f"{source}: '{prefix}{k}'") if k in hints else v for k, v in d.items()}
+
+def check_ranges(obj, # a config dataclass with a `_ranges` class attribute {field: POSITIVE | NONNEG | PROB}
+                 source:str="config", prefix:str="") -> object:
+    "`obj`, or `ConfigError` naming `source` and the key of the first value outside its range (a list: any element)."
+    ok = {POSITIVE: lambda x: x > 0, NONNEG: lambda x: x >= 0, PROB: lambda x: 0 <= x <= 1}
+    for name, rule in getattr(obj, "_ranges", {}).items():
+        value = getattr(obj, name)
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if x is None: continue
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not ok[rule](x):
+                raise ConfigError(f"{source}: '{prefix}{name}' must be {rule}, got {value!r}")
+    return obj
 
 
 # %% [markdown]
