@@ -217,11 +217,17 @@ def run_notebook(notebook, # input .ipynb with a `parameters`-tagged cell
 #| export
 _MADE_BY = ".made-by-segbook-reproduce"
 
+def _is_reproduce_stamp(path) -> bool:
+    "True if `path` is the results.json of a `reproduce` run (which made its folder's figures/ before the marker existed)."
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, ValueError): return False
+    return isinstance(d, dict) and {"profile", "notebooks", "git"} <= set(d)
+
 def fresh_figures_dir(path, # OUT/figures
                      ) -> Path:
     "Empty `path` for this run's figures, if an earlier `reproduce` made it; refuse to delete a folder it did not make."
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / _MADE_BY).exists():
+    if path.exists() and any(path.iterdir()) and not (path / _MADE_BY).exists() and not _is_reproduce_stamp(path.parent / "results.json"):
         raise FileExistsError(f"{path} holds files that segbook reproduce did not write: choose another --out, or move them")
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
