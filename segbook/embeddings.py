@@ -45,22 +45,6 @@ def crop_and_resize_masks(masks:torch.Tensor, # [N,H,W] uint8/bool/float masks o
     return crops * has_area[:, None, None]
 
 # %% ../nbs/02_mask_embeddings.ipynb #cc1c085d
-def _require(obj:dict, key:str, path, what:str):
-    if key not in obj:
-        raise ValueError(f"{path}: {what} has no field '{key}'")
-    return obj[key]
-
-def _decode_segmentation(segm, h:int, w:int) -> np.ndarray:
-    "One instance's segmentation (polygons, RLE, uncompressed RLE) as an [H,W] uint8 mask."
-    from pycocotools import mask as mask_utils
-    if isinstance(segm, list):                          # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segm, h, w)
-    else:                                               # compressed RLE
-        rle = segm
-    return mask_utils.decode(rle)
-
 def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT.json)
                     size:int=28, # mask side s
                     batch:int=4096, # masks per yielded batch
@@ -69,43 +53,32 @@ def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT
                    ):
     "Yield [b,s,s] uint8 batches of every non-crowd instance mask cropped to its GT box."
     from tqdm.auto import tqdm
+    from segbook.data import decode_masks, mask_boxes, read_coco_instances
     path = Path(ann_json)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    images = {_require(im, "id", path, "an entry of 'images'"): im for im in _require(data, "images", path, "the file")}
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    coco = read_coco_instances(path)              # the data set's checks and skips, verbatim
     per_image = defaultdict(list)
-    for ann in _require(data, "annotations", path, "the file"):
-        per_image[_require(ann, "image_id", path, f"annotation {ann.get('id')}")].append(ann)
+    for ann in coco.annotations:
+        per_image[ann["image_id"]].append(ann)
     st = stats if stats is not None else {}
-    st.update(images=len(images), instances=0, crowd=0, used=0,
-              skipped_zero_area_box=0, skipped_empty_mask=0, skipped_bad_segmentation=0)
-    examples, buffer, n_buffered = [], [], 0
+    st.update(images=len(coco.images), instances=len(coco.data["annotations"]), crowd=0, used=0,
+              **{f"skipped_{k}": 0 for k in ("degenerate_polygon", "zero_area_box", "empty_mask")})
+    for why, n in coco.skipped.items():
+        st[f"skipped_{why}"] = n
+    examples = [i for ids in coco.skipped_ids.values() for i in ids]
+    buffer, n_buffered = [], 0
     for image_id in tqdm(sorted(per_image), desc=f"masks {path.name}", disable=not progress, leave=False):
-        if image_id not in images:
-            raise ValueError(f"{path}: annotation {per_image[image_id][0].get('id')} has image_id {image_id} not in 'images'")
-        im = images[image_id]
-        h, w = int(_require(im, "height", path, f"image {image_id}")), int(_require(im, "width", path, f"image {image_id}"))
-        decoded, boxes, ids = [], [], []
-        for ann in per_image[image_id]:
-            st["instances"] += 1
-            if ann.get("iscrowd", 0):
-                st["crowd"] += 1; continue
-            x, y, bw, bh = (float(v) for v in _require(ann, "bbox", path, f"annotation {ann.get('id')}"))
-            if not (bw > 0 and bh > 0):
-                st["skipped_zero_area_box"] += 1; examples.append(ann.get("id")); continue
-            try:
-                decoded.append(_decode_segmentation(_require(ann, "segmentation", path, f"annotation {ann.get('id')}"), h, w))
-            except (TypeError, ValueError, IndexError, KeyError):
-                st["skipped_bad_segmentation"] += 1; examples.append(ann.get("id")); continue
-            boxes.append([x, y, bw, bh]); ids.append(ann.get("id"))
-        if not decoded:
+        im = coco.images[image_id]
+        anns = [a for a in per_image[image_id] if not a.get("iscrowd", 0)]
+        st["crowd"] += len(per_image[image_id]) - len(anns)
+        if not anns:
             continue
-        masks = torch.from_numpy(np.stack(decoded))
-        crops = crop_and_resize_masks(masks, box_convert(torch.tensor(boxes), "xywh", "xyxy"), size).to(torch.uint8)
+        decoded = decode_masks([a["segmentation"] for a in anns], im["height"], im["width"])
+        ids = [a.get("id") for a in anns]
+        boxes = torch.tensor([a["bbox"] for a in anns] if all("bbox" in a for a in anns) else
+                             box_convert(mask_boxes(decoded), "xyxy", "xywh").tolist(), dtype=torch.float32)
+        crops = crop_and_resize_masks(decoded, box_convert(boxes, "xywh", "xyxy"), size).to(torch.uint8)
         nonempty = crops.flatten(1).bool().any(1)
         n_empty = int((~nonempty).sum())
         if n_empty:
@@ -120,11 +93,10 @@ def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT
             buffer, n_buffered = [allm[batch:]], len(allm) - batch
     if n_buffered:
         yield torch.cat(buffer)
-    skipped = st["skipped_zero_area_box"] + st["skipped_empty_mask"] + st["skipped_bad_segmentation"]
+    skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances "
-                      f"({st['skipped_zero_area_box']} zero-area bbox, {st['skipped_empty_mask']} empty mask inside its bbox, "
-                      f"{st['skipped_bad_segmentation']} undecodable segmentation); e.g. annotation ids {examples[:5]}")
+        reasons = {k[len("skipped_"):]: v for k, v in st.items() if k.startswith("skipped_") and v}
+        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances {reasons}; e.g. annotation ids {examples[:5]}")
 
 # %% ../nbs/02_mask_embeddings.ipynb #509e2489
 def noisy_logit(masks:torch.Tensor, # [...] binary masks (0/1, any dtype)
@@ -490,7 +462,7 @@ def pca_fit_command(data, # dataset root holding annotations/instances_SPLIT.jso
     codec = PCACodec.from_moments(moments, dim, mean, whiten, meta=dict(source=str(Path(data).resolve()), split=split))
     if out is not None:
         codec.save(out)
-    skipped = stats["skipped_zero_area_box"] + stats["skipped_empty_mask"] + stats["skipped_bad_segmentation"]
+    skipped = sum(v for k, v in stats.items() if k.startswith("skipped_"))
     return dict(out=None if out is None else str(out), split=split, dim=dim, size=size, mean=mean, whiten=whiten, logit=logit,
                 masks_used=stats["used"], masks_skipped=skipped, crowd_excluded=stats["crowd"],
                 energy=round(codec.energy(), 6), miou=round(reconstruction_miou(codec, torch.cat(held), seed=seed), 6),

@@ -30,7 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
-from .data import area_ranges
+from .data import area_ranges, read_coco_instances
 
 # %% ../nbs/09_evaluation.ipynb #a2b55291
 def _as_numpy(x) -> np.ndarray:
@@ -88,14 +88,13 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 def load_coco(gt) -> COCO: # gt: a path to an instances JSON, a dict in that format, or a COCO object
     "A pycocotools `COCO` from a path, a dict or a `COCO` (quietly; pycocotools prints otherwise)."
     if isinstance(gt, COCO): return gt
+    if not isinstance(gt, dict) and not Path(gt).exists(): raise FileNotFoundError(f"ground-truth annotations not found: {gt}")
+    checked = read_coco_instances(copy.deepcopy(gt) if isinstance(gt, dict) else gt, need_files=False)   # the data set's checks
+    if checked.skipped:
+        warnings.warn(f"{'gt' if isinstance(gt, dict) else gt}: {sum(checked.skipped.values())} ground-truth annotation(s) "
+                      f"left out of the evaluation, as in training: {dict(checked.skipped)}")
     coco = COCO()
-    if isinstance(gt, dict): coco.dataset = copy.deepcopy(gt)
-    else:
-        path = Path(gt)
-        if not path.exists(): raise FileNotFoundError(f"ground-truth annotations not found: {path}")
-        coco.dataset = json.loads(path.read_text())
-    for field in ("images", "annotations", "categories"):
-        if field not in coco.dataset: raise ValueError(f"{gt if not isinstance(gt, dict) else 'gt'}: no '{field}' field")
+    coco.dataset = {**checked.data, "annotations": checked.annotations}
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()
     return coco
 

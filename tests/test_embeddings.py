@@ -54,7 +54,9 @@ def test_crop_zero_area_box_gives_zeros():
 
 
 def _write_coco(path, anns, h=32, w=32):
-    path.write_text(json.dumps(dict(images=[dict(id=1, height=h, width=w)], annotations=anns)))
+    anns = [{"category_id": 1, **a} for a in anns]
+    path.write_text(json.dumps(dict(images=[dict(id=1, height=h, width=w, file_name="1.png")], annotations=anns,
+                                    categories=[dict(id=1, name="thing")])))
     return path
 
 
@@ -69,17 +71,17 @@ def test_reader_skips_empty_and_zero_area_with_clear_warning(tmp_path):
         batches = list(iter_coco_masks(_write_coco(tmp_path / "a.json", anns), size=8, stats=stats, progress=False))
     assert [b.shape for b in batches] == [(1, 8, 8)] and batches[0].all()
     assert stats == dict(images=1, instances=4, crowd=1, used=1, skipped_zero_area_box=1, skipped_empty_mask=1,
-                         skipped_bad_segmentation=0)
+                         skipped_degenerate_polygon=0)
     msg = [str(c.message) for c in caught if "skipped" in str(c.message)]
     assert len(msg) == 1 and "a.json" in msg[0] and "skipped 2 of 4" in msg[0] and "11" in msg[0] and "12" in msg[0]
 
 
 def test_reader_missing_field_names_file_and_field(tmp_path):
-    anns = [dict(id=10, image_id=1, iscrowd=0, segmentation=[[4, 4, 12, 4, 12, 12]])]
-    with pytest.raises(ValueError, match=r"b\.json.*'bbox'"):
+    anns = [dict(id=10, image_id=1, iscrowd=0, bbox=[4, 4, 8, 8])]
+    with pytest.raises(ValueError, match=r"b\.json.*annotations\[0\] \(id=10\).*'segmentation'"):
         list(iter_coco_masks(_write_coco(tmp_path / "b.json", anns), progress=False))
-    (tmp_path / "c.json").write_text(json.dumps(dict(images=[dict(id=1, width=3)], annotations=[
-        dict(id=1, image_id=1, bbox=[0, 0, 1, 1], segmentation=[])])))
+    (tmp_path / "c.json").write_text(json.dumps(dict(images=[dict(id=1, width=3, file_name="a.png")], categories=[dict(id=1, name="a")],
+                                                     annotations=[dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 1, 1], segmentation=[])])))
     with pytest.raises(ValueError, match=r"c\.json.*'height'"):
         list(iter_coco_masks(tmp_path / "c.json", progress=False))
 

@@ -45,6 +45,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 
 from segbook.io import atomic_write
@@ -124,13 +125,13 @@ def load_coco_json(path) -> dict:
 def _field_error(path, where, msg):
     return DatasetError(f"{path}: {where}: {msg}")
 
-def _check_images(path, images):
+def _check_images(path, images, need_files:bool=True):
     by_id = {}
     for i, im in enumerate(images):
         where = f"images[{i}]"
         if not isinstance(im, dict):
             raise _field_error(path, where, "not an object")
-        for k in ("id", "file_name", "height", "width"):
+        for k in ("id", "file_name", "height", "width") if need_files else ("id", "height", "width"):
             if k not in im:
                 raise _field_error(path, where + f" (id={im.get('id')})", f"missing field '{k}'")
         if not (isinstance(im["height"], int) and isinstance(im["width"], int) and im["height"] > 0 and im["width"] > 0):
@@ -176,17 +177,60 @@ def _check_annotation(path, i, ann, images, cat_ids):
     if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
             raise _field_error(path, where, "RLE 'segmentation' needs 'counts' and 'size'")
-        if list(seg["size"]) != [im["height"], im["width"]]:
+        if not isinstance(seg["size"], list) or list(seg["size"]) != [im["height"], im["width"]]:
             raise _field_error(path, where, f"RLE 'segmentation.size' {seg['size']} differs from the image's "
                                f"[height, width] = {[im['height'], im['width']]}")
     elif isinstance(seg, list):
-        if not all(isinstance(p, list) and all(isinstance(x, (int, float)) for x in p) and len(p) % 2 == 0 for p in seg):
+        if not all(isinstance(p, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
+                   and len(p) % 2 == 0 for p in seg):
             raise _field_error(path, where, "polygon 'segmentation' must be a list of [x1, y1, x2, y2, ...] lists")
+        if not all(math.isfinite(x) for p in seg for x in p):
+            raise _field_error(path, where, "polygon 'segmentation' has a non-finite coordinate")
     else:
         raise _field_error(path, where, f"'segmentation' must be polygons (list) or RLE (object), got {type(seg).__name__}")
+    if isinstance(seg, dict):
+        counts = seg["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise _field_error(path, where, "uncompressed RLE 'segmentation.counts' must be non-negative integers")
+            if sum(counts) != im["height"] * im["width"]:
+                raise _field_error(path, where, f"uncompressed RLE 'segmentation.counts' covers {sum(counts)} pixels, "
+                                   f"the image has {im['height']}x{im['width']} = {im['height'] * im['width']}")
+        elif not isinstance(counts, (str, bytes)):
+            raise _field_error(path, where, f"RLE 'segmentation.counts' must be a string or a list, got {type(counts).__name__}")
     box = ann.get("bbox")
-    if box is not None and (not isinstance(box, list) or len(box) != 4):
-        raise _field_error(path, where, f"'bbox' must be [x, y, w, h], got {box!r}")
+    if box is not None and (not isinstance(box, list) or len(box) != 4
+                            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in box)):
+        raise _field_error(path, where, f"'bbox' must be [x, y, w, h] of finite numbers, got {box!r}")
+    if ann.get("iscrowd", 0) not in (0, 1, True, False):
+        raise _field_error(path, where, f"'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+
+def read_coco_instances(path, # a COCO instances JSON (or the dict read from one, named 'gt' in errors)
+                        drop_crowd:bool=False, # leave crowd regions out (training) instead of keeping them
+                        need_files:bool=True, # images need 'file_name' (False: evaluation reads no image)
+                       ) -> SimpleNamespace: # .data .images (by id) .cat_ids .annotations (usable) .skipped (Counter) .skipped_ids
+    "Load and check a COCO instances file: each annotation is kept, skipped with a counted reason, or an error naming file, record and field."
+    if isinstance(path, dict):
+        d, path = path, "gt"
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(d.get(key), list): raise DatasetError(f"gt: field '{key}' missing or not a list")
+    else:
+        path = Path(path)
+        d = load_coco_json(path)
+    images = _check_images(path, d["images"], need_files)
+    cat_ids = _check_categories(path, d["categories"])
+    kept, skipped, skipped_ids = [], Counter(), {}
+    for i, ann in enumerate(d["annotations"]):
+        _check_annotation(path, i, ann, images, set(cat_ids))
+        if drop_crowd and ann.get("iscrowd", 0):
+            continue
+        why = annotation_problem(ann)
+        if why:
+            skipped[why] += 1
+            skipped_ids.setdefault(why, []).append(ann.get("id"))
+            continue
+        kept.append(ann)
+    return SimpleNamespace(data=d, images=images, cat_ids=cat_ids, annotations=kept, skipped=skipped, skipped_ids=skipped_ids)
 
 
 # %% [markdown]
@@ -265,26 +309,16 @@ class CocoInstances(torch.utils.data.Dataset):
         self.root, self.split, self.transforms, self.train = Path(root), split, transforms, train
         self.on_bad_image = on_bad_image
         self.ann_file, self.image_dir = coco_paths(root, split)
-        d = load_coco_json(self.ann_file)
-        images = _check_images(self.ann_file, d["images"])
-        self.coco_ids = _check_categories(self.ann_file, d["categories"])
+        coco = read_coco_instances(self.ann_file, drop_crowd=train)
+        d, images, self.coco_ids = coco.data, coco.images, coco.cat_ids
         self.label_of = {c: i for i, c in enumerate(self.coco_ids)}
         names = {c["id"]: c["name"] for c in d["categories"]}
         self.class_names = [names[c] for c in self.coco_ids]
-        self.skipped = Counter()
-        skipped_ids = {}
+        self.skipped = Counter(coco.skipped)
         self._anns = {i: [] for i in images}
-        for i, ann in enumerate(d["annotations"]):
-            _check_annotation(self.ann_file, i, ann, images, self.label_of)
-            if train and ann.get("iscrowd", 0):
-                continue
-            why = annotation_problem(ann)
-            if why:
-                self.skipped[why] += 1
-                skipped_ids.setdefault(why, []).append(ann.get("id"))
-                continue
+        for ann in coco.annotations:
             self._anns[ann["image_id"]].append(ann)
-        for why, ids in skipped_ids.items():
+        for why, ids in coco.skipped_ids.items():
             warnings.warn(f"{self.ann_file}: skipped {len(ids)} annotation(s) with {why} (ids {ids[:5]}{'...' if len(ids) > 5 else ''})")
         self._images = [images[i] for i in sorted(images)]
         if check_files:
@@ -300,8 +334,8 @@ class CocoInstances(torch.utils.data.Dataset):
                 gone = {im["id"] for im in missing}
                 self._images = [im for im in self._images if im["id"] not in gone]
         self.image_ids = [im["id"] for im in self._images]
-        self.coco = COCO()  # pycocotools' index over the same (unfiltered) JSON, e.g. for COCOeval
-        self.coco.dataset = d
+        self.coco = COCO()  # pycocotools' index over the checked JSON (skipped annotations left out), e.g. for COCOeval
+        self.coco.dataset = {**d, "annotations": [a for a in d["annotations"] if not annotation_problem(a)]}
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
 

@@ -135,28 +135,13 @@ assert crop_and_resize_masks(m[:0], torch.zeros(0, 4)).shape == (0, 28, 28)
 # its `images` table, masks (polygons, RLE or uncompressed RLE) are decoded with pycocotools. Crowd
 # regions are left out. Per image, all instances are decoded into one [k,H,W] stack and cropped in one
 # RoIAlign call; crops are streamed in batches so that memory does not depend on the dataset size.
-# Instances with a zero-area box, an empty crop or an undecodable segmentation are skipped and
-# counted (one warning at the end, with example annotation ids), because one bad annotation must
-# not stop a pass over 860k instances. A missing field is a hard error naming the file and field.
+# The file is read and checked by `segbook.data.read_coco_instances`, the same function the training data set
+# uses, so an annotation is skipped (zero-area box, polygon of fewer than 3 points; counted, one warning at the end
+# with example ids), kept, or refused with an error naming the file, record and field exactly as there. A crop that
+# comes out empty is skipped and counted too. Without a `bbox`, the crop box is the mask's own.
 
 # %%
 #| export
-def _require(obj:dict, key:str, path, what:str):
-    if key not in obj:
-        raise ValueError(f"{path}: {what} has no field '{key}'")
-    return obj[key]
-
-def _decode_segmentation(segm, h:int, w:int) -> np.ndarray:
-    "One instance's segmentation (polygons, RLE, uncompressed RLE) as an [H,W] uint8 mask."
-    from pycocotools import mask as mask_utils
-    if isinstance(segm, list):                          # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segm, h, w)
-    else:                                               # compressed RLE
-        rle = segm
-    return mask_utils.decode(rle)
-
 def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT.json)
                     size:int=28, # mask side s
                     batch:int=4096, # masks per yielded batch
@@ -165,43 +150,32 @@ def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT
                    ):
     "Yield [b,s,s] uint8 batches of every non-crowd instance mask cropped to its GT box."
     from tqdm.auto import tqdm
+    from segbook.data import decode_masks, mask_boxes, read_coco_instances
     path = Path(ann_json)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    images = {_require(im, "id", path, "an entry of 'images'"): im for im in _require(data, "images", path, "the file")}
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    coco = read_coco_instances(path)              # the data set's checks and skips, verbatim
     per_image = defaultdict(list)
-    for ann in _require(data, "annotations", path, "the file"):
-        per_image[_require(ann, "image_id", path, f"annotation {ann.get('id')}")].append(ann)
+    for ann in coco.annotations:
+        per_image[ann["image_id"]].append(ann)
     st = stats if stats is not None else {}
-    st.update(images=len(images), instances=0, crowd=0, used=0,
-              skipped_zero_area_box=0, skipped_empty_mask=0, skipped_bad_segmentation=0)
-    examples, buffer, n_buffered = [], [], 0
+    st.update(images=len(coco.images), instances=len(coco.data["annotations"]), crowd=0, used=0,
+              **{f"skipped_{k}": 0 for k in ("degenerate_polygon", "zero_area_box", "empty_mask")})
+    for why, n in coco.skipped.items():
+        st[f"skipped_{why}"] = n
+    examples = [i for ids in coco.skipped_ids.values() for i in ids]
+    buffer, n_buffered = [], 0
     for image_id in tqdm(sorted(per_image), desc=f"masks {path.name}", disable=not progress, leave=False):
-        if image_id not in images:
-            raise ValueError(f"{path}: annotation {per_image[image_id][0].get('id')} has image_id {image_id} not in 'images'")
-        im = images[image_id]
-        h, w = int(_require(im, "height", path, f"image {image_id}")), int(_require(im, "width", path, f"image {image_id}"))
-        decoded, boxes, ids = [], [], []
-        for ann in per_image[image_id]:
-            st["instances"] += 1
-            if ann.get("iscrowd", 0):
-                st["crowd"] += 1; continue
-            x, y, bw, bh = (float(v) for v in _require(ann, "bbox", path, f"annotation {ann.get('id')}"))
-            if not (bw > 0 and bh > 0):
-                st["skipped_zero_area_box"] += 1; examples.append(ann.get("id")); continue
-            try:
-                decoded.append(_decode_segmentation(_require(ann, "segmentation", path, f"annotation {ann.get('id')}"), h, w))
-            except (TypeError, ValueError, IndexError, KeyError):
-                st["skipped_bad_segmentation"] += 1; examples.append(ann.get("id")); continue
-            boxes.append([x, y, bw, bh]); ids.append(ann.get("id"))
-        if not decoded:
+        im = coco.images[image_id]
+        anns = [a for a in per_image[image_id] if not a.get("iscrowd", 0)]
+        st["crowd"] += len(per_image[image_id]) - len(anns)
+        if not anns:
             continue
-        masks = torch.from_numpy(np.stack(decoded))
-        crops = crop_and_resize_masks(masks, box_convert(torch.tensor(boxes), "xywh", "xyxy"), size).to(torch.uint8)
+        decoded = decode_masks([a["segmentation"] for a in anns], im["height"], im["width"])
+        ids = [a.get("id") for a in anns]
+        boxes = torch.tensor([a["bbox"] for a in anns] if all("bbox" in a for a in anns) else
+                             box_convert(mask_boxes(decoded), "xyxy", "xywh").tolist(), dtype=torch.float32)
+        crops = crop_and_resize_masks(decoded, box_convert(boxes, "xywh", "xyxy"), size).to(torch.uint8)
         nonempty = crops.flatten(1).bool().any(1)
         n_empty = int((~nonempty).sum())
         if n_empty:
@@ -216,11 +190,10 @@ def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT
             buffer, n_buffered = [allm[batch:]], len(allm) - batch
     if n_buffered:
         yield torch.cat(buffer)
-    skipped = st["skipped_zero_area_box"] + st["skipped_empty_mask"] + st["skipped_bad_segmentation"]
+    skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances "
-                      f"({st['skipped_zero_area_box']} zero-area bbox, {st['skipped_empty_mask']} empty mask inside its bbox, "
-                      f"{st['skipped_bad_segmentation']} undecodable segmentation); e.g. annotation ids {examples[:5]}")
+        reasons = {k[len("skipped_"):]: v for k, v in st.items() if k.startswith("skipped_") and v}
+        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances {reasons}; e.g. annotation ids {examples[:5]}")
 
 
 # %%
@@ -235,7 +208,7 @@ if COCO_MINI.exists():
     assert coco_train.dtype == torch.uint8 and coco_train.shape[1:] == (28, 28)
     assert coco_stats["used"] == len(coco_train) and coco_stats["crowd"] == 6
     assert coco_stats["used"] + coco_stats["crowd"] + coco_stats["skipped_empty_mask"] + coco_stats["skipped_zero_area_box"] \
-        + coco_stats["skipped_bad_segmentation"] == coco_stats["instances"] == 746
+        + coco_stats["skipped_degenerate_polygon"] == coco_stats["instances"] == 746
     assert coco_train.flatten(1).any(1).all()          # no empty crops reach the fit
     # a mask fills much of its own tight box: the mean foreground fraction is far from 0 and 1
     assert 0.3 < coco_train.float().mean() < 0.9
@@ -251,7 +224,8 @@ def _tiny_coco(path):
             dict(id=2, image_id=7, bbox=[5, 5, 0, 4], iscrowd=0, segmentation=[[5, 5, 5, 9, 5, 7]]),
             dict(id=3, image_id=7, bbox=[20, 20, 5, 5], iscrowd=0, segmentation={"size": [32, 32], "counts": [1024]}),
             dict(id=4, image_id=7, bbox=[0, 0, 32, 32], iscrowd=1, segmentation={"size": [32, 32], "counts": [0, 1024]})]
-    path.write_text(json.dumps(dict(images=[dict(id=7, height=32, width=32)], annotations=anns)))
+    path.write_text(json.dumps(dict(images=[dict(id=7, file_name="7.png", height=32, width=32)],
+                                    categories=[dict(id=1, name="thing")], annotations=[dict(a, category_id=1) for a in anns])))
     return path
 
 with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(record=True) as caught:
@@ -1002,7 +976,7 @@ def pca_fit_command(data, # dataset root holding annotations/instances_SPLIT.jso
     codec = PCACodec.from_moments(moments, dim, mean, whiten, meta=dict(source=str(Path(data).resolve()), split=split))
     if out is not None:
         codec.save(out)
-    skipped = stats["skipped_zero_area_box"] + stats["skipped_empty_mask"] + stats["skipped_bad_segmentation"]
+    skipped = sum(v for k, v in stats.items() if k.startswith("skipped_"))
     return dict(out=None if out is None else str(out), split=split, dim=dim, size=size, mean=mean, whiten=whiten, logit=logit,
                 masks_used=stats["used"], masks_skipped=skipped, crowd_excluded=stats["crowd"],
                 energy=round(codec.energy(), 6), miou=round(reconstruction_miou(codec, torch.cat(held), seed=seed), 6),
