@@ -25,6 +25,7 @@ def test_failure_reported_and_others_run(tmp_path):
     res = reproduce_command("t", tmp_path / "out", notebooks_dir=nbs, profiles={"t": {"a_bad": {}, "b_good": {"k": 5}}},
                             figures=tmp_path / "figs", progress=False)
     assert not (tmp_path / "figs" / "tables" / "from_an_earlier_run.md").exists()  # a reused --out gathers only this run's
+    assert not (tmp_path / "figs" / ".made-by-segbook-reproduce").exists()         # the marker stays in OUT
     assert res["failed"] == ["a_bad"]
     bad = res["notebooks"]["a_bad"]
     assert bad["status"] == "failed" and bad["error"] == "ValueError" and "broken on purpose" in bad["message"]

@@ -335,7 +335,7 @@ def reproduce_command(profile:str, # 'smoke' | 'cpu' | 'gpu' (keys of PROFILES)
         dest.mkdir(parents=True, exist_ok=True)
         with open(dest / ".reproduce.lock", "w") as lock:   # chunks may run side by side: one merge at a time
             fcntl.flock(lock, fcntl.LOCK_EX)
-            shutil.copytree(fig_out, dest, dirs_exist_ok=True)
+            shutil.copytree(fig_out, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(_MADE_BY))
             if (claims or headline) and profile != "smoke":
                 old = json.loads((dest / "claims.json").read_text()) if (dest / "claims.json").exists() else None
                 ledger = merge_claims(old, claims, headline)
