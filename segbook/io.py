@@ -15,6 +15,13 @@ import tempfile
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    "What `open(path, 'w')` would give a new file: 0o666 less the process umask (read once: setting it is process-wide)."
+    umask = os.umask(0o022); os.umask(umask)
+    return 0o666 & ~umask
+
+_MODE = _file_mode()
+
 def atomic_write(path, # the file to (over)write
                  write, # write(f): fills the open temporary file
                  mode:str="w", # 'w' (text) or 'wb' (bytes)
@@ -24,6 +31,7 @@ def atomic_write(path, # the file to (over)write
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _MODE)               # mkstemp makes 0600; the file gets the usual permissions
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush(); os.fsync(f.fileno())

@@ -34,7 +34,7 @@
 #   run resumes.
 #
 # The standard library has no such function (`tempfile` makes the unique file, `os.replace` renames), and the
-# nine-line version below is what every writer in the package calls.
+# short version below is what every writer in the package calls.
 
 # %%
 #| export
@@ -43,6 +43,13 @@ import os
 import tempfile
 from pathlib import Path
 
+
+def _file_mode() -> int:
+    "What `open(path, 'w')` would give a new file: 0o666 less the process umask (read once: setting it is process-wide)."
+    umask = os.umask(0o022); os.umask(umask)
+    return 0o666 & ~umask
+
+_MODE = _file_mode()
 
 def atomic_write(path, # the file to (over)write
                  write, # write(f): fills the open temporary file
@@ -53,6 +60,7 @@ def atomic_write(path, # the file to (over)write
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _MODE)               # mkstemp makes 0600; the file gets the usual permissions
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush(); os.fsync(f.fileno())
@@ -99,6 +107,7 @@ tmp = Path(tempfile.mkdtemp())
 target = tmp / "results.json"
 write_json_atomic({"ap": 0.5}, target)
 assert json.loads(target.read_text()) == {"ap": 0.5}
+assert target.stat().st_mode & 0o777 == _MODE              # as a plain open() would make it, not mkstemp's 0600
 
 def boom(f):
     f.write('{"ap": 0.')           # a half-written file...
