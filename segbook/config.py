@@ -13,7 +13,6 @@ __all__ = ['POSITIVE', 'NONNEG', 'PROB', 'BASE_KEY', 'DataConfig', 'SolverConfig
 import dataclasses
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -11,10 +11,11 @@ __all__ = ['SHAPES', 'CLASSES', 'FILL', 'ellipse', 'triangle', 'notched_square',
 # %% ../nbs/01b_shapes.ipynb #f370079b
 import functools
 import json
-import os
 import time
 import zlib
 from pathlib import Path
+
+from .io import write_text_atomic
 
 import numpy as np
 from PIL import Image
@@ -182,11 +183,6 @@ def make_shapes_image(rng:np.random.Generator, # the image's own generator
     return img, masks, labels, unoccluded
 
 # %% ../nbs/01b_shapes.ipynb #a683d9c0
-def _atomic_write_text(path:Path, text:str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 def shapes_coco_split(out:Path, # dataset root
                       split:str, # 'train' or 'val'
                       n:int, # number of images
@@ -229,7 +225,7 @@ def write_shapes_dataset(out, # output folder (gets annotations/, train/, val/)
     for split, n in (("train", n_train), ("val", n_val)):
         coco = shapes_coco_split(out, split, n, size, seed, progress)
         ann = out / "annotations" / f"instances_{split}.json"
-        _atomic_write_text(ann, json.dumps(coco, separators=(",", ":")))
+        write_text_atomic(json.dumps(coco, separators=(",", ":")), ann)
         summary[split] = {"annotations": str(ann), "images": str(out / split),
                           "n_images": n, "n_instances": len(coco["annotations"])}
     summary["seconds"] = round(time.perf_counter() - t0, 2)

@@ -25,7 +25,6 @@
 import dataclasses
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
