@@ -96,6 +96,7 @@ def load_coco(gt) -> COCO: # gt: a path to an instances JSON, a dict in that for
     coco = COCO()
     coco.dataset = {**checked.data, "annotations": checked.annotations}
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()
+    coco.skipped = checked.skipped   # ground truth left out, by reason (for the command's summary)
     return coco
 
 def _detections(coco_gt:COCO, results:list, iou_type:str) -> COCO:

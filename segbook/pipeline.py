@@ -17,17 +17,19 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from .io import atomic_write, write_json_atomic
+from .io import atomic_write, write_json_atomic, write_text_atomic
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, load_config, save_config
-from .data import CocoInstances, DatasetError, build_transforms, collate, coco_paths, load_coco_json, read_rgb, segmentation_to_rle
+from .data import (LOAD_SKIPS, CocoInstances, DatasetError, build_transforms, collate, coco_paths, load_coco_json, read_rgb,
+                          segmentation_to_rle, skip_summary)
 
 # %% ../nbs/10b_pipeline.ipynb #a34931e6
 def eval_transforms(cfg:TrainConfig):
@@ -38,12 +40,13 @@ def eval_transforms(cfg:TrainConfig):
 def train_dataset(cfg:TrainConfig) -> CocoInstances:
     "The training split with the papers' augmentation (crowd regions dropped)."
     d = cfg.data
-    return CocoInstances(d.root, d.train_split, transforms=build_transforms(True, d.min_size, d.max_size, d.max_size_cap, d.flip, d.test_size))
+    return CocoInstances(d.root, d.train_split, transforms=build_transforms(True, d.min_size, d.max_size, d.max_size_cap, d.flip, d.test_size),
+                         max_image_pixels=d.max_image_pixels)
 
 def eval_dataset(cfg:TrainConfig, split:str|None=None) -> CocoInstances:
     "An evaluation split (crowd regions kept, flagged) at test size; an unreadable image raises, `predict_dataset` excludes it."
     return CocoInstances(cfg.data.root, split or cfg.data.val_split, transforms=eval_transforms(cfg), train=False,
-                         on_bad_image="raise")
+                         on_bad_image="raise", max_image_pixels=cfg.data.max_image_pixels)
 
 # %% ../nbs/10b_pipeline.ipynb #07ee3a5f
 def istr_settings(cfg:TrainConfig) -> dict|None:
@@ -122,7 +125,7 @@ def predict_dataset(model, ds:CocoInstances, device="cpu", batch_size:int=8, max
             try:
                 samples.append(ds[i])
             except DatasetError as e:  # scoring another image in its place would change AP silently
-                ds.skipped["image_excluded_from_eval"] += 1
+                ds.count_skip("image_excluded_from_eval")
                 warnings.warn(f"{e}; excluded from the evaluation (its ground truth and predictions)")
         if not samples:
             continue
@@ -153,31 +156,33 @@ def evaluate_model(model, ds:CocoInstances, device="cpu", max_images:int|None=No
     "COCO box / mask / boundary AP of `model` on `ds` (optionally saving the COCO results JSON)."
     from segbook.evaluation import evaluate_coco, predictions_to_coco, save_coco_results
     t0 = time.time()
-    excluded = ds.skipped["image_excluded_from_eval"]
+    before = ds.skipped
     preds, ids = predict_dataset(model, ds, device, max_images=max_images, progress=progress)
-    excluded = ds.skipped["image_excluded_from_eval"] - excluded
+    now = ds.skipped - before   # this evaluation's image exclusions (the counters live as long as `ds`)
+    excluded = now["image_excluded_from_eval"]
+    skipped = {**{k: v for k, v in ds.skipped.items() if k not in LOAD_SKIPS}, **now}
     if excluded and not ids:
         raise DatasetError(f"{ds.image_dir}: none of the {excluded} images to evaluate could be read")
     results = predictions_to_coco(preds, ids, ds.coco_ids)
     if results_path: save_coco_results(results, results_path)
     metrics = evaluate_coco(ds.ann_file, results, iou_types=iou_types, image_ids=ids, per_class=per_class)
     flat = flatten_metrics(metrics, dict(zip(ds.coco_ids, ds.class_names)))
-    return {**flat, "images": len(ids), "images_excluded": excluded, "detections": len(results),
-            "seconds": round(time.time() - t0, 2)}
+    return {**flat, "images": len(ids), "images_excluded": excluded, "skipped": dict(sorted(skipped.items())),
+            "detections": len(results), "seconds": round(time.time() - t0, 2)}
 
 # %% ../nbs/10b_pipeline.ipynb #67c4c142
 def load_weights(model:torch.nn.Module,
                  path, # a `segbook train` checkpoint (its "model" entry is used) or a plain state dict
                  verbose:bool=True) -> dict: # {"loaded": n, "missing": [...], "unexpected": [...], "mismatched": [...]}
     "Start a run from other weights (fine-tuning): every tensor whose name and shape match is loaded, the rest are listed."
-    from segbook.engine import load_checkpoint
+    from segbook.engine import CheckpointError, load_checkpoint
     state = load_checkpoint(path)
     state = state.get("model", state)
     own = model.state_dict()
     mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
     keep = {k: v for k, v in state.items() if k in own and k not in mismatched}
     if not keep:
-        raise ValueError(f"weights={path}: no tensor matches the model (first model keys: {list(own)[:3]})")
+        raise CheckpointError(f"weights={path}: no tensor matches the model (first model keys: {list(own)[:3]})")
     res = model.load_state_dict(keep, strict=False)
     report = {"loaded": len(keep), "missing": sorted(res.missing_keys), "unexpected": sorted(set(state) - set(own)),
               "mismatched": mismatched}
@@ -202,10 +207,11 @@ def train_command(config, # YAML file
     if device: ov.append(f"device={device}")
     if max_iters is not None: ov.append(f"solver.max_iters={max_iters}")
     cfg = load_config(config, ov)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     info = init_distributed()
+    dev = resolve_device(cfg.device, info)   # before any work: a device this machine lacks is one clear error now
     seed_everything(cfg.seed)
     ds = train_dataset(cfg)
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     cfg = with_dataset_classes(cfg, ds)
     if info.is_main: cfg = ensure_codec(cfg, out, progress)
     elif istr_settings(cfg) is not None and not istr_settings(cfg).get("codec_path"):
@@ -218,17 +224,41 @@ def train_command(config, # YAML file
     write_json_atomic({"coco_ids": list(ds.coco_ids), "names": list(ds.class_names)}, out / "classes.json")
     save_config(cfg, out / "config.yaml")
     loader = build_train_loader(ds, cfg.data.batch_size, cfg.seed, collate, cfg.data.num_workers)
-    dev = resolve_device(cfg.device, info)
     val = eval_dataset(cfg)
     evaluate_fn = lambda m: evaluate_model(m, val, dev, max_images=eval_images, progress=False)
-    return train(model, loader, cfg, out, evaluate_fn=evaluate_fn, resume=resume, progress=progress)
+    summary = train(model, loader, cfg, out, evaluate_fn=evaluate_fn, resume=resume, progress=progress)
+    summary["skipped"] = _train_skips(ds, info, dev)
+    if info.is_main:
+        line = skip_summary(summary["skipped"], f"train ({ds.ann_file})")
+        if line: print(line, file=sys.stderr, flush=True)
+        _log_skips(out / "metrics.jsonl", {"iter": summary["iteration"], "images": len(ds), "skipped": summary["skipped"]})
+    return summary
+
+def _train_skips(ds:CocoInstances, info, device) -> dict:
+    "What training left out: the data set's checks, plus every rank's (and worker's) skips while iterating."
+    counts = ds.skipped
+    if info.world_size > 1:   # each rank read its own share of the images
+        loads = ds.iteration_skips().to(device)
+        torch.distributed.all_reduce(loads)
+        counts = Counter({k: v for k, v in counts.items() if k not in LOAD_SKIPS})
+        counts.update({k: n for k, n in zip(LOAD_SKIPS, loads.tolist()) if n})
+    return dict(sorted(counts.items()))
+
+def _log_skips(path:Path, record:dict):
+    "Put `record` (the run's skip counts) at the end of metrics.jsonl, replacing one an earlier call of a resumed run wrote."
+    def earlier_skips(line):
+        try: rec = json.loads(line)
+        except json.JSONDecodeError: return True   # a line cut short by a kill
+        return isinstance(rec, dict) and "skipped" in rec and "eval" not in rec
+    lines = [l for l in path.read_text().splitlines() if l.strip() and not earlier_skips(l)] if path.exists() else []
+    write_text_atomic("".join(l + "\n" for l in lines + [json.dumps(record)]), path)
 
 def load_trained(checkpoint, # a last.pt written by `segbook train`
                  device="cpu",
                  overrides=()) -> tuple: # `key=value` changes to the run's config, e.g. model.refine=false
 
     "Rebuild the model of a run from its folder (config.yaml, codec.pt) and load the checkpoint -> (model, cfg)."
-    from segbook.engine import load_checkpoint
+    from segbook.engine import load_checkpoint, load_model_state
     ck_path = Path(checkpoint); run = ck_path.parent
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run / 'config.yaml'}: missing — a checkpoint is read together with the config of its run")
@@ -237,8 +267,8 @@ def load_trained(checkpoint, # a last.pt written by `segbook train`
     if cp and not Path(cp).exists() and (run / "codec.pt").exists():  # run folder moved: use its own codec
         cfg = with_codec_path(cfg, run / "codec.pt")
     model = build_model(cfg)
-    ck = load_checkpoint(ck_path)
-    model.load_state_dict(ck["model"])
+    ck = load_checkpoint(ck_path, require=("model",))
+    load_model_state(model, ck["model"], ck_path)
     return model.to(device).eval(), cfg
 
 def eval_command(checkpoint, data=None, split=None, device="cpu", out=None, max_images=None, progress=True,
@@ -252,6 +282,8 @@ def eval_command(checkpoint, data=None, split=None, device="cpu", out=None, max_
                              per_class=per_class)
     metrics = {"checkpoint": str(checkpoint), "data": str(cfg.data.root), "split": ds.split, **metrics}
     write_json_atomic(metrics, out / "metrics.json")
+    line = skip_summary(metrics["skipped"], f"eval ({ds.ann_file})")
+    if line: print(line, file=sys.stderr, flush=True)
     return metrics
 
 def image_ids_by_file(data, # dataset root
@@ -290,6 +322,8 @@ def predict_command(checkpoint, # a last.pt written by `segbook train`
     from segbook.viz import draw_instances
     if (data is None) != (split is None):
         raise DatasetError("predict: --data and --split go together (the split's annotations give the image ids)")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing: raise FileNotFoundError(f"{missing[0]}: no such image file" + (f" ({len(missing)} of {len(images)} missing)" if len(missing) > 1 else ""))
     ids = image_ids_by_file(data, split, images) if data is not None else None
     model, cfg = load_trained(checkpoint, device, overrides)
     run = Path(checkpoint).parent
@@ -300,10 +334,7 @@ def predict_command(checkpoint, # a last.pt written by `segbook train`
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     records, written, empty_images = [], [], []
     for i, p in enumerate(tqdm(images, desc="predict", disable=not progress)):
-        try:
-            img = read_rgb(p)
-        except Exception as e:
-            raise DatasetError(f"{p}: cannot read image ({type(e).__name__}: {e})") from e
+        img = read_rgb(p, cfg.data.max_image_pixels)   # DatasetError (file named) when it cannot be decoded
         h, w = img.shape[-2:]
         if ids is not None and (ids[i][1].get("height"), ids[i][1].get("width")) != (h, w):
             raise DatasetError(f"{p}: image is {w}x{h} but images id={ids[i][0]} of split '{split}' says "
@@ -417,17 +448,16 @@ def eval_results_command(results, # COCO results JSON
                          per_class:bool=False, # also each category's AP
                         ) -> dict:
     "`segbook eval --results`: bbox / segm / boundary AP of a COCO results file (whichever fields it carries) on a split."
-    from pycocotools.coco import COCO
-    from segbook.evaluation import evaluate_coco
-    import contextlib, io
+    from segbook.evaluation import evaluate_coco, load_coco
     t0 = time.time()
     ann_file, _ = coco_paths(data, split)
-    coco = COCO(); coco.dataset = load_coco_json(ann_file)
-    with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()
+    coco = load_coco(ann_file)   # the data set's checks: bad ground truth is an error or a counted skip
     recs, iou_types = load_results(results, coco, split)
     metrics = evaluate_coco(coco, recs, iou_types=iou_types, per_class=per_class)
     flat = flatten_metrics(metrics, {c: d.get("name", str(c)) for c, d in coco.cats.items()})
     metrics = {"results": str(results), "data": str(data), "split": split, **flat, "images": len(coco.imgs),
-               "detections": len(recs), "seconds": round(time.time() - t0, 2)}
+               "skipped": dict(sorted(coco.skipped.items())), "detections": len(recs), "seconds": round(time.time() - t0, 2)}
     if out: write_json_atomic(metrics, Path(out) / "metrics.json")
+    line = skip_summary(metrics["skipped"], f"eval ({ann_file})")
+    if line: print(line, file=sys.stderr, flush=True)
     return metrics

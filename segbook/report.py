@@ -56,7 +56,7 @@ def read_metrics_log(run, # a run folder holding metrics.jsonl, or the file itse
     for line in path.read_text().splitlines():
         try: rec = json.loads(line)
         except json.JSONDecodeError: continue  # a line cut short by a killed run
-        if isinstance(rec, dict) and "iter" in rec:
+        if isinstance(rec, dict) and "iter" in rec and not ("skipped" in rec and "eval" not in rec):  # not the skip counts
             (evals if isinstance(rec.get("eval"), dict) else train).append(rec)
     if not train and not evals: raise ValueError(f"{path}: empty — no line with an 'iter' field was logged yet")
     return train, evals

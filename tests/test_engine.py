@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from segbook import engine
 from segbook.config import ConfigError, DataConfig, SolverConfig, TrainConfig, load_config
-from segbook.engine import (ResumableSampler, SeededSamples, WarmupStepSchedule, atomic_save, build_optimizer,
+from segbook.engine import (CheckpointError, ResumableSampler, SeededSamples, WarmupStepSchedule, atomic_save, build_optimizer,
                             build_scheduler, build_train_loader, load_checkpoint, param_groups, seed_everything,
                             total_loss, train)
 
@@ -358,7 +358,7 @@ def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path, capsys):
 
 def test_unreadable_checkpoint_names_file(tmp_path):
     bad = tmp_path / "last.pt"; bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="last.pt"):
+    with pytest.raises(CheckpointError, match="last.pt: cannot read checkpoint"):
         load_checkpoint(bad)
 
 

@@ -136,6 +136,11 @@ def _check_images(path, images, need_files:bool=True):
                 raise _field_error(path, where + f" (id={im.get('id')})", f"missing field '{k}'")
         if not (isinstance(im["height"], int) and isinstance(im["width"], int) and im["height"] > 0 and im["width"] > 0):
             raise _field_error(path, where + f" (id={im['id']})", f"'height'/'width' must be positive integers, got {im['height']}x{im['width']}")
+        if need_files:   # the image file must lie inside the split folder: a relative path that does not climb out
+            fn = im["file_name"]
+            if not isinstance(fn, str) or not fn.strip() or Path(fn).is_absolute() or ".." in Path(fn).parts or "\0" in fn:
+                raise _field_error(path, where + f" (id={im['id']})", f"'file_name' must be a relative path inside the split "
+                                   f"folder, got {fn!r}")
         if im["id"] in by_id:
             raise _field_error(path, where, f"duplicate image id {im['id']}")
         by_id[im["id"]] = im
@@ -284,16 +289,86 @@ def mask_boxes(masks:torch.Tensor, # [N,H,W] binary
 # returned with empty tensors of the right shapes. `boxes` are computed from the decoded masks, so
 # box and mask agree by construction; instances whose mask decodes empty are skipped and counted.
 
+# %% [markdown]
+# ### Images of any mode, and a size limit
+#
+# Pillow decodes the pixels; what it does not decide is how a mode that is not 8-bit RGB becomes RGB. Its
+# `convert("RGB")` is right for grey (`L`, `1`), palette (`P`, with or without transparency), `RGBA`/`LA` (the alpha
+# channel is dropped, as detectron2's `read_image` drops it) and `CMYK`, but it *clips* 16-bit grey at 255, so a
+# 16-bit scan would come out nearly white. `read_rgb` scales 16-bit grey (`I;16*`, and `I` when every value fits in
+# 16 bits) by 255/65535 instead, and refuses what it cannot map without guessing: floating-point images (`F`) and
+# 32-bit integers beyond 16 bits. A file whose header announces more than `max_pixels` pixels (Pillow's own
+# decompression-bomb threshold by default, ~89 M) is refused before any pixel is decoded: a counted skip in training
+# and evaluation, a clear error in `predict`.
+
 # %%
 #| export
-def read_rgb(path) -> torch.Tensor: # [3,H,W] uint8
-    "An image file as an RGB tensor (PIL decodes any format it knows; `np.array` copies, so the tensor is writable)."
-    with Image.open(path) as f:
-        return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb warning threshold
+
+class ImageTooLarge(DatasetError):
+    "An image whose header announces more pixels than the limit: refused before decoding."
+
+def rgb_array(img:Image.Image, # an opened image of any mode
+              where="image") -> np.ndarray: # [H,W,3] uint8
+    "Pixels of `img` as 8-bit RGB: 16-bit grey scaled (not clipped), alpha dropped, palette and CMYK through Pillow."
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img)
+        if a.dtype.kind not in "ui": a = np.asarray(img, dtype=np.int64)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DatasetError(f"{where}: mode {img.mode} values {int(a.min())}..{int(a.max())} do not fit 16 bits; "
+                               "convert it to 8-bit RGB")
+        g = np.round(a.astype(np.float32) * (255 / 65535)).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise DatasetError(f"{where}: floating-point image (mode F) has no fixed range to map to 8 bits; convert it to 8-bit RGB")
+    return np.array(img.convert("RGB"))
+
+def read_rgb(path, # image file
+             max_pixels:int|None=MAX_IMAGE_PIXELS, # refuse larger images before decoding (None: no limit)
+            ) -> torch.Tensor: # [3,H,W] uint8
+    "An image file as an RGB tensor; `ImageTooLarge` past `max_pixels`, `DatasetError` naming the file when it cannot be decoded."
+    undecodable = lambda e: DatasetError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit decides below
+            f = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{path}: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:   # not an image, or a header Pillow cannot parse
+        raise undecodable(e) from e
+    with f:
+        w, h = f.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} "
+                                "(decompression-bomb guard; data.max_image_pixels raises it)")
+        try:
+            pixels = rgb_array(f, str(path))
+        except DatasetError:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:   # e.g. a truncated file: the header was fine, the pixels are not
+            raise undecodable(e) from e
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 # %%
+import tempfile
+with tempfile.TemporaryDirectory() as tmp:
+    grey16 = Path(tmp) / "grey16.png"
+    Image.fromarray(np.full((4, 6), 200 * 257, np.uint16)).save(grey16)
+    with Image.open(grey16) as f: clipped = np.array(f.convert("RGB"))
+    x = read_rgb(grey16)
+    assert x.shape == (3, 4, 6) and int(x.min()) == int(x.max()) == 200 and clipped.max() == 255   # scaled, not clipped
+    bomb = Path(tmp) / "big.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    try: read_rgb(bomb, max_pixels=1000); raise AssertionError("no error")
+    except ImageTooLarge as e: assert "4096 pixels is over the limit of 1000" in str(e)
+print("16-bit grey 200*257 ->", int(x[0, 0, 0]), "(Pillow's convert('RGB') alone:", int(clipped[0, 0, 0]), ")")
+
+# %%
 #| export
+LOAD_SKIPS = ("empty_mask", "bad_image", "image_too_large", "image_excluded_from_eval")  # counted while iterating
+_MAX_WORKERS = 64  # rows of the shared counters (worker ids beyond share rows; the sums stay right)
+
 class CocoInstances(torch.utils.data.Dataset):
     "COCO-format instance segmentation: `ds[i] -> (image [3,H,W] uint8, target dict)`, after `transforms`."
     def __init__(self, root, # dataset root (annotations/ and image folders)
@@ -303,18 +378,22 @@ class CocoInstances(torch.utils.data.Dataset):
                  check_files:bool=True, # stat every image file now; missing files raise (or are skipped)
                  on_missing:str="raise", # missing image file at construction: 'raise' | 'skip' (counted)
                  on_bad_image:str="skip", # unreadable image during iteration: 'skip' (warn, count, next image) | 'raise'
+                 max_image_pixels:int|None=MAX_IMAGE_PIXELS, # larger images are unreadable (decompression-bomb guard)
                 ):
         if on_missing not in ("raise", "skip") or on_bad_image not in ("raise", "skip"):
             raise ValueError("on_missing and on_bad_image must be 'raise' or 'skip'")
         self.root, self.split, self.transforms, self.train = Path(root), split, transforms, train
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
         self.ann_file, self.image_dir = coco_paths(root, split)
         coco = read_coco_instances(self.ann_file, drop_crowd=train)
         d, images, self.coco_ids = coco.data, coco.images, coco.cat_ids
         self.label_of = {c: i for i, c in enumerate(self.coco_ids)}
         names = {c["id"]: c["name"] for c in d["categories"]}
         self.class_names = [names[c] for c in self.coco_ids]
-        self.skipped = Counter(coco.skipped)
+        self._skipped = Counter(coco.skipped)
+        # counts made while iterating live in shared memory, one row per DataLoader worker (row 0: this process),
+        # so that the run's summary sees the skips of every worker
+        self._load_skips = torch.zeros(1 + _MAX_WORKERS, len(LOAD_SKIPS), dtype=torch.int64).share_memory_()
         self._anns = {i: [] for i in images}
         for ann in coco.annotations:
             self._anns[ann["image_id"]].append(ann)
@@ -328,7 +407,7 @@ class CocoInstances(torch.utils.data.Dataset):
                                    f"(images id={missing[0]['id']}, field 'file_name' in {self.ann_file}); "
                                    f"{len(missing)} of {len(self._images)} images are missing")
             if missing:
-                self.skipped["missing_image"] += len(missing)
+                self.count_skip("missing_image", len(missing))
                 warnings.warn(f"{self.image_dir}: skipped {len(missing)} image(s) whose file is missing, "
                               f"e.g. {missing[0]['file_name']}")
                 gone = {im["id"] for im in missing}
@@ -341,6 +420,26 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def __len__(self): return len(self._images)
 
+    def count_skip(self, reason:str, n:int=1):
+        "Count `n` items left out for `reason` (from any DataLoader worker)."
+        if reason in LOAD_SKIPS:
+            info = torch.utils.data.get_worker_info()
+            self._load_skips[0 if info is None else 1 + info.id % _MAX_WORKERS, LOAD_SKIPS.index(reason)] += n
+        else:
+            self._skipped[reason] += n
+
+    def iteration_skips(self) -> torch.Tensor: # [len(LOAD_SKIPS)] int64
+        "The counts made while iterating (every worker), in `LOAD_SKIPS` order, e.g. to sum over processes."
+        return self._load_skips.sum(0)
+
+    @property
+    def skipped(self) -> Counter:
+        "What was left out so far, by reason (annotations and images; every worker's counts included)."
+        c = Counter(self._skipped)
+        for why, n in zip(LOAD_SKIPS, self.iteration_skips().tolist()):
+            if n: c[why] += n
+        return c
+
     def image_path(self, i:int) -> Path:
         "Path of the `i`-th image file."
         return self.image_dir / self._images[i]["file_name"]
@@ -349,9 +448,9 @@ class CocoInstances(torch.utils.data.Dataset):
         "The `i`-th sample before transforms; raises `DatasetError` on an unreadable or mis-sized image."
         im, path = self._images[i], self.image_path(i)
         try:
-            image = read_rgb(path)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DatasetError(f"{path}: cannot decode image (images id={im['id']}): {e}") from e
+            image = read_rgb(path, self.max_image_pixels)
+        except DatasetError as e:   # ImageTooLarge stays ImageTooLarge
+            raise type(e)(f"{e} (images id={im['id']})") from e
         h, w = im["height"], im["width"]
         if tuple(image.shape[1:]) != (h, w):
             raise DatasetError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
@@ -361,7 +460,7 @@ class CocoInstances(torch.utils.data.Dataset):
         keep = masks.flatten(1).bool().any(1)
         if not bool(keep.all()):
             n = int((~keep).sum())
-            self.skipped["empty_mask"] += n
+            self.count_skip("empty_mask", n)
             warnings.warn(f"{self.ann_file}: {n} annotation(s) of image id={im['id']} decode to an empty mask; skipped")
             masks, anns = masks[keep], [a for a, k in zip(anns, keep.tolist()) if k]
         target = {
@@ -384,7 +483,7 @@ class CocoInstances(torch.utils.data.Dataset):
             except DatasetError as e:
                 if self.on_bad_image == "raise":
                     raise
-                self.skipped["bad_image"] += 1
+                self.count_skip("image_too_large" if isinstance(e, ImageTooLarge) else "bad_image")
                 warnings.warn(f"{e}; skipped, using the next image")
         else:
             raise DatasetError(f"{self.image_dir}: no readable image in split '{self.split}'")
@@ -399,9 +498,27 @@ class CocoInstances(torch.utils.data.Dataset):
 
 # %% [markdown]
 # `skipped` counts what was left out: `degenerate_polygon`, `zero_area_box`, `missing_image` (with
-# `on_missing='skip'`) at construction; `empty_mask` and `bad_image` during iteration. With a
-# `DataLoader` using worker processes, the iteration counters live in the workers; the warnings,
-# which name the file, reach the console either way.
+# `on_missing='skip'`) at construction; `empty_mask`, `bad_image` and `image_too_large` during iteration. The
+# iteration counters are a small tensor in shared memory with a row per `DataLoader` worker, so the parent process
+# reads the counts of every worker (a plain attribute would be counted in the workers' copies and lost); the
+# warnings, which name the file, reach the console either way. `segbook train`, `eval` and `pca-fit` print these
+# counts as one summary line at the end and store them with their metrics.
+
+# %%
+#| export
+IMAGE_SKIPS = ("missing_image", "bad_image", "image_too_large", "image_excluded_from_eval")  # the rest are annotations
+
+def skip_summary(skipped:dict, # reason -> count (e.g. `CocoInstances.skipped`)
+                 what:str, # the command or split, e.g. 'train (shapes/train)'
+                ) -> str|None: # one line, or None when nothing was left out
+    "The line a command prints at its end: how many annotations and images it left out, by reason."
+    parts = []
+    for kind, keys in (("annotation", [k for k in skipped if k not in IMAGE_SKIPS]), ("image", [k for k in IMAGE_SKIPS if k in skipped])):
+        keys = [k for k in keys if skipped[k]]
+        if keys:
+            parts.append(f"{sum(skipped[k] for k in keys)} {kind}(s) ({', '.join(f'{k} {skipped[k]}' for k in sorted(keys))})")
+    return f"{what}: left out {' and '.join(parts)}; the warnings above name them" if parts else None
+
 
 # %% [markdown]
 # ## Transforms that keep masks and boxes together

@@ -25,6 +25,7 @@
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -960,6 +961,7 @@ def pca_fit_command(data, # dataset root holding annotations/instances_SPLIT.jso
                     progress:bool=True, # tqdm bar
                    ) -> dict:
     "Fit a PCA codec on a COCO-format split, save it, and return a summary (masks used/skipped, energy, mIoU, seconds)."
+    from segbook.data import skip_summary
     t0 = time.perf_counter()
     ann = Path(data) / "annotations" / f"instances_{split}.json"
     if not ann.exists():
@@ -976,9 +978,11 @@ def pca_fit_command(data, # dataset root holding annotations/instances_SPLIT.jso
     codec = PCACodec.from_moments(moments, dim, mean, whiten, meta=dict(source=str(Path(data).resolve()), split=split))
     if out is not None:
         codec.save(out)
-    skipped = sum(v for k, v in stats.items() if k.startswith("skipped_"))
+    reasons = {k[len("skipped_"):]: v for k, v in sorted(stats.items()) if k.startswith("skipped_") and v}
+    line = skip_summary(reasons, f"pca-fit ({ann})")
+    if line: print(line, file=sys.stderr, flush=True)
     return dict(out=None if out is None else str(out), split=split, dim=dim, size=size, mean=mean, whiten=whiten, logit=logit,
-                masks_used=stats["used"], masks_skipped=skipped, crowd_excluded=stats["crowd"],
+                masks_used=stats["used"], masks_skipped=sum(reasons.values()), skipped=reasons, crowd_excluded=stats["crowd"],
                 energy=round(codec.energy(), 6), miou=round(reconstruction_miou(codec, torch.cat(held), seed=seed), 6),
                 miou_masks=n_held, seconds=round(time.perf_counter() - t0, 3))
 

@@ -83,8 +83,9 @@ class DataConfig:
     flip: float = 0.5  # horizontal-flip probability in training (0 switches it off)
     batch_size: int = 16  # global batch: divided by the number of processes
     num_workers: int = 2  # data-loader worker processes per training process
+    max_image_pixels: typing.Optional[int] = 89_478_485  # larger images are skipped unread (Pillow's bomb threshold); None: no limit
     _ranges: typing.ClassVar[dict] = dict(min_size=POSITIVE, max_size=POSITIVE, max_size_cap=POSITIVE, test_size=POSITIVE,
-                                          flip=PROB, batch_size=POSITIVE, num_workers=NONNEG)
+                                          flip=PROB, batch_size=POSITIVE, num_workers=NONNEG, max_image_pixels=POSITIVE)
 
 @dataclass
 class SolverConfig:

@@ -434,13 +434,43 @@ save_figure(fig, "engine_lr_schedule.png"); plt.close(fig)
 #| export
 atomic_save = torch_save_atomic   # `torch.save` through a unique temporary file, flushed, renamed (chapter 00b)
 
-def load_checkpoint(path) -> dict:
-    "Read a checkpoint written by `train` (tensors and plain values only: `weights_only=True`)."
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: unreadable, incomplete, non-finite, or not for this model; the message names file and entry."
+
+def load_checkpoint(path, # a `train` checkpoint (last.pt) or a plain state dict
+                    require:tuple=(), # entries it must have, e.g. ("model", "optimizer") to resume
+                   ) -> dict:
+    "Read a checkpoint (tensors and plain values only: `weights_only=True`); `CheckpointError` names what is wrong."
     path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, not a torch file, or pickled objects other than tensors and plain values
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+        detail = next((l for l in lines if "Unsupported global" in l), lines[0])[:200]   # weights_only's own reason
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {detail})") from e
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: a checkpoint holds a dict, this file holds {type(ck).__name__}")
+    missing = [k for k in require if k not in ck]
+    if missing: raise CheckpointError(f"{path}: no {missing[0]!r} entry" + (f" (nor {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
+                                      + f"; it has {sorted(map(str, ck))[:8]}")
+    state = ck.get("model", ck)
+    if isinstance(state, dict):
+        bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None: raise CheckpointError(f"{path}: tensor '{bad}' holds NaN or inf")
+    return ck
+
+def load_model_state(model:nn.Module, state:dict, path) -> None:
+    "`model.load_state_dict(state)` (strict), with a one-line `CheckpointError` when the weights are for another model."
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        own = model.state_dict()
+        missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]
+        shape = [k for k in own if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
+        eg = (missing or extra or shape or [""])[0]
+        raise CheckpointError(f"{path}: weights do not fit this model ({len(missing)} missing, {len(extra)} unexpected, "
+                              f"{len(shape)} of another shape, e.g. '{eg}'): a checkpoint of another config?") from e
 
 def _gather_rng_states(info:DistInfo) -> list:
     "Every rank's RNG state, in rank order (a collective: all ranks must call it)."
@@ -573,8 +603,8 @@ def train(model:nn.Module, # train mode: (images, targets) -> dict of loss_* ten
         stale = remove_stale_temps(last)
         if stale: print(f"[resume] removed {stale} unfinished checkpoint file(s) beside {last}", flush=True)
     if resume and last.exists():
-        ck = load_checkpoint(last)
-        unwrap(model).load_state_dict(ck["model"])
+        ck = load_checkpoint(last, require=("model", "optimizer", "scheduler", "scaler", "iteration", "rng", "data"))
+        load_model_state(unwrap(model), ck["model"], last)
         optimizer.load_state_dict(ck["optimizer"]); scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         start = ck["iteration"]

@@ -52,6 +52,8 @@ def _cmd_pca_fit(a):
         print(json.dumps(pca_basis_report(a.from_npz, a.data, a.split))); return
     if not a.out:
         raise UsageError("pca-fit: --out is required unless --from-npz is given")
+    if a.dim > a.size * a.size:
+        raise UsageError(f"pca-fit: --dim {a.dim} is more than the {a.size * a.size} pixels of a --size {a.size} mask")
     print(json.dumps(pca_fit_command(a.data, a.split, dim=a.dim, size=a.size, out=a.out,
                                      mean=a.mean, whiten=a.whiten, logit=a.logit)))
 
@@ -131,6 +133,40 @@ def _cmd_reproduce(a):
 
 # %%
 #| export
+def _number_type(kind, low, low_ok:bool, high=None, what=""):
+    "An argparse `type` that parses `kind` and checks the range, so a bad value is argparse's own one-line error (exit 2)."
+    def parse(text):
+        try: v = kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")) or (v < low if low_ok else v <= low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    parse.__name__ = what   # argparse names the type in some messages
+    return parse
+
+positive_int = _number_type(int, 0, False, what="an integer > 0")
+nonneg_int = _number_type(int, 0, True, what="an integer >= 0")
+probability = _number_type(float, 0.0, True, 1.0, what="a number in [0, 1]")
+
+def image_size(text:str) -> str:
+    "`HxW` with positive integers (bench's --size)."
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m[1]) == 0 or int(m[2]) == 0: raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 800x800, got {text!r}")
+    return text
+
+def device_name(text:str) -> str:
+    "'cpu', 'cuda' or 'cuda:N' (and, for train, 'auto'), checked against this machine before any work starts."
+    if text in ("auto", "cpu"): return text
+    if not re.fullmatch(r"cuda(:\d+)?", text): raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    import torch
+    if not torch.cuda.is_available(): raise argparse.ArgumentTypeError(f"'{text}' asked for, but CUDA is not available on this machine")
+    n = int(text.split(":")[1]) if ":" in text else 0
+    if n >= torch.cuda.device_count(): raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+# %%
+#| export
 def build_parser() -> argparse.ArgumentParser:
     "The `segbook` argument parser: one subparser per job."
     p = argparse.ArgumentParser(prog="segbook", description="segbook: ISTR and Mask Transfiner, a reproducible research book.")
@@ -140,24 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     s = dsub.add_parser("synth", help="write the seeded 'shapes' dataset as COCO JSON + PNG images")
     s.add_argument("--out", required=True, help="output folder (gets annotations/ train/ val/)")
-    s.add_argument("--n-train", type=int, default=2000, help="training images")
-    s.add_argument("--n-val", type=int, default=200, help="validation images")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (128 for CPU, 512 for GPU runs)")
+    s.add_argument("--n-train", type=nonneg_int, default=2000, help="training images")
+    s.add_argument("--n-val", type=nonneg_int, default=200, help="validation images")
+    s.add_argument("--size", type=positive_int, default=128, help="image side in pixels (128 for CPU, 512 for GPU runs)")
     s.add_argument("--seed", type=int, default=0, help="generator seed: same seed, same files")
     s.set_defaults(func=_cmd_data_synth)
     b = dsub.add_parser("browse", help="render ground-truth overlays of a COCO-format split to PNG")
     b.add_argument("--data", required=True, help="dataset root with annotations/instances_SPLIT.json and SPLIT/")
     b.add_argument("--split", required=True, help="split name, e.g. train, val, train2017, val2017")
     b.add_argument("--out", required=True, help="folder for the PNG overlays")
-    b.add_argument("--n", type=int, default=8, help="number of images")
+    b.add_argument("--n", type=positive_int, default=8, help="number of images")
     b.add_argument("--seed", type=int, default=0, help="which images: a seeded sample")
     b.set_defaults(func=_cmd_data_browse)
 
     f = sub.add_parser("pca-fit", help="fit the PCA mask codec of ISTR Eq. 3 on a dataset's masks")
     f.add_argument("--data", required=True, help="dataset root")
     f.add_argument("--split", required=True, help="split whose masks are used")
-    f.add_argument("--dim", type=int, default=60, help="embedding dimension l")
-    f.add_argument("--size", type=int, default=28, help="mask side s (masks are s x s)")
+    f.add_argument("--dim", type=positive_int, default=60, help="embedding dimension l")
+    f.add_argument("--size", type=positive_int, default=28, help="mask side s (masks are s x s)")
     f.add_argument("--out", help="codec file to write (.pt); required unless --from-npz")
     f.add_argument("--from-npz", help="report on this fitted basis (official ISTR .npz or a .pt codec) instead of fitting")
     f.add_argument("--mean", action="store_true", help="subtract the mean (official code; the paper has none)")
@@ -169,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--data", help="dataset root (overrides data.root)")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, config.yaml, codec.pt")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
-    t.add_argument("--max-iters", type=int, help="overrides solver.max_iters")
-    t.add_argument("--eval-images", type=int, help="periodic evaluation on the first N val images only")
+    t.add_argument("--device", type=device_name, metavar="{auto,cpu,cuda[:N]}", help="overrides the config's device")
+    t.add_argument("--max-iters", type=positive_int, help="overrides solver.max_iters")
+    t.add_argument("--eval-images", type=positive_int, help="periodic evaluation on the first N val images only")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.lr=1e-4 model.num_stages=3")
     t.set_defaults(func=_cmd_train)
@@ -181,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl")
     pt.add_argument("--export", required=True, help="weights file to write (fp16 torchvision ResNet state dict) with its .json card")
     pt.add_argument("--data", help="dataset root (overrides data.root)")
-    pt.add_argument("--max-iters", type=int, help="overrides solver.max_iters")
+    pt.add_argument("--max-iters", type=positive_int, help="overrides solver.max_iters")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     pt.set_defaults(func=_cmd_pretrain)
 
@@ -195,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset root (default with --checkpoint: the run's)")
     e.add_argument("--split", help="split (default with --checkpoint: the config's data.val_split)")
     e.add_argument("--per-class", action="store_true", help="also print (and store under 'per_class') each category's AP")
-    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
     e.add_argument("--out", help="folder for metrics.json (and results.json with --checkpoint; default: RUN/eval_SPLIT; "
                                  "with --results nothing is written without --out)")
-    e.add_argument("--max-images", type=int, help="--checkpoint: evaluate the first N images only")
+    e.add_argument("--max-images", type=positive_int, help="--checkpoint: evaluate the first N images only")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="--checkpoint: changes to the run's config, e.g. model.refine=false (coarse masks of a Transfiner run)")
     e.set_defaults(func=_cmd_eval)
 
@@ -209,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run")
     r.add_argument("inputs", nargs="+", metavar="IMG|key=value", help="image files, then optional config overrides like eval's, e.g. model.refine=false")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    r.add_argument("--threshold", type=float, default=0.4,
+    r.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    r.add_argument("--threshold", type=probability, default=0.4,
                    help="keep detections with score >= T in the overlays and JSON (default 0.4). ISTR's scores are per-class "
                         "sigmoid probabilities of its queries, without NMS: lower T to see weaker detections")
     r.add_argument("--data", help="dataset root whose annotations give the image ids (with --split)")
@@ -227,19 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="dataset root")
     v.add_argument("--split", required=True, help="split the results are for")
     v.add_argument("--out", required=True, help="folder for SPLIT_IMAGEID.png")
-    v.add_argument("--n", type=int, default=8, help="number of images: the first N (by id) the results mention")
-    v.add_argument("--threshold", type=float, default=0.4, help="draw detections with score >= T (default 0.4)")
+    v.add_argument("--n", type=positive_int, default=8, help="number of images: the first N (by id) the results mention")
+    v.add_argument("--threshold", type=probability, default=0.4, help="draw detections with score >= T (default 0.4)")
     v.set_defaults(func=_cmd_viz)
 
     k = sub.add_parser("bench", help="latency / FPS / peak memory of a model, optionally against a peer, timed alternately")
     k.add_argument("--model", required=True, help="segbook config YAML, or 'maskrcnn_r50' (torchvision)")
     k.add_argument("--vs", help="peer to time in the same run, e.g. maskrcnn_r50")
-    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    k.add_argument("--size", default="800x800", help="input HxW")
-    k.add_argument("--iters", type=int, default=50, help="timed iterations per model")
-    k.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations per model")
+    k.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    k.add_argument("--size", default="800x800", type=image_size, help="input HxW")
+    k.add_argument("--iters", type=positive_int, default=50, help="timed iterations per model")
+    k.add_argument("--warmup", type=nonneg_int, default=10, help="untimed warm-up iterations per model")
     k.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (CUDA only)")
-    k.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
+    k.add_argument("--threads", type=positive_int, help="torch CPU threads (1 gives steadier CPU timings on a shared machine)")
     k.add_argument("--out", help="JSON file for the results")
     k.set_defaults(func=_cmd_bench)
 
@@ -265,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple:
     "Exception types that mean bad input (a one-line message, exit 2), from the modules this command has loaded."
     types = [FileNotFoundError, UsageError]
-    for mod, name in (("segbook.data", "DatasetError"), ("segbook.config", "ConfigError")):
+    for mod, name in (("segbook.data", "DatasetError"), ("segbook.config", "ConfigError"), ("segbook.engine", "CheckpointError")):
         if mod in sys.modules: types.append(getattr(sys.modules[mod], name))
     return tuple(types)
 
