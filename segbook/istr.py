@@ -7,7 +7,8 @@ Docs: https://segbook.github.io/segbook/istr.html.md"""
 # %% auto #0
 __all__ = ['FPN_LEVELS', 'ISTRConfig', 'load_istr_config', 'build_resnet_fpn', 'fold_frozen_bn', 'FeatureCache', 'ResNetFPN',
            'query_boxes_for_images', 'pool_image_features', 'fpn_level_of_boxes', 'multilevel_roi_align',
-           'apply_box_deltas', 'ISTRStage', 'ISTR', 'build_istr', 'paste_weights', 'paste_masks', 'postprocess']
+           'apply_box_deltas', 'ISTRStage', 'ISTR', 'build_istr', 'paste_weights', 'paste_masks', 'postprocess',
+           'pasted_or_crops']
 
 # %% ../nbs/05_istr.ipynb #6ef1137c
 import copy
@@ -422,10 +423,11 @@ class ISTR(nn.Module):
                 image_sizes:torch.Tensor, # [B, 2] (h, w) the network saw
                 orig_sizes:torch.Tensor|None=None, # [B, 2] (H0, W0) to paste into; default image_sizes
                 topk:int=100, # detections per image
-                stage:int=-1): # which stage's predictions (Fig. 3); default the last
+                stage:int=-1, # which stage's predictions (Fig. 3); default the last
+                paste:bool=True): # False: box-local mask crops (see `postprocess`)
         "Torchvision-style detections of one stage (see `postprocess`)."
         out = self(images, image_sizes)["stages"][stage]
-        return postprocess(out, image_sizes, image_sizes if orig_sizes is None else orig_sizes, self.codec, topk)
+        return postprocess(out, image_sizes, image_sizes if orig_sizes is None else orig_sizes, self.codec, topk, paste)
 
 # %% ../nbs/05_istr.ipynb #c0e9829e
 def build_istr(cfg:ISTRConfig|dict, # model settings (a dict = the YAML `model:` section)
@@ -476,8 +478,10 @@ def postprocess(stage_out:dict, # one stage: logits [B,k,C], boxes [B,k,4], mask
                 image_sizes:torch.Tensor, # [B, 2] (h, w) the network saw
                 orig_sizes:torch.Tensor, # [B, 2] (H0, W0) to paste into
                 codec:nn.Module|None=None, # fixed decoder, decode([N,l]) -> [N,s,s]; needed for mask_embed
-                topk:int=100) -> list: # detections kept per image
-    "Top-k (query, class) pairs per image -> list of {'boxes','labels','scores','masks' [N,1,H0,W0]}."
+                topk:int=100, # detections kept per image
+                paste:bool=True, # False: box-local 'mask_crops' [N,s,s] + 'image_size' instead of full-size 'masks'
+               ) -> list: # detections per image
+    "Top-k (query, class) pairs per image -> list of {'boxes','labels','scores','masks' [N,1,H0,W0]} (or the crops, unpasted)."
     logits = stage_out["logits"]
     B, k, C = logits.shape
     scores, idx = torch.sigmoid(logits).flatten(1).topk(min(topk, k * C), dim=1)   # [B, K]
@@ -498,5 +502,13 @@ def postprocess(stage_out:dict, # one stage: logits [B,k,C], boxes [B,k,4], mask
     for b, (H0, W0) in enumerate(orig_sizes.tolist()):  # a loop over images (not instances): per-image sizes
         bx = torch.stack([boxes[b, :, 0].clamp(0, W0), boxes[b, :, 1].clamp(0, H0),
                           boxes[b, :, 2].clamp(0, W0), boxes[b, :, 3].clamp(0, H0)], -1)
-        out.append(dict(boxes=bx, labels=labels[b], scores=scores[b], masks=paste_masks(masks[b], bx, H0, W0)))
+        out.append(dict(boxes=bx, labels=labels[b], scores=scores[b], **pasted_or_crops(masks[b], bx, H0, W0, paste)))
     return out
+
+def pasted_or_crops(masks:torch.Tensor, # [N, s, s] box-local probabilities
+                    boxes:torch.Tensor, # [N, 4] xyxy in output pixels
+                    height:int, width:int, # output image size
+                    paste:bool=True) -> dict:
+    "{'masks': [N,1,H,W]} pasted now, or {'mask_crops', 'image_size'} for a consumer that pastes a few at a time (large images)."
+    if paste: return {"masks": paste_masks(masks, boxes, int(height), int(width))}
+    return {"mask_crops": masks, "image_size": (int(height), int(width))}

@@ -456,9 +456,11 @@ class MaskRCNNTransfiner(nn.Module):
     def predict(self, images:torch.Tensor, # [B,3,H,W]
                 image_sizes:torch.Tensor, # [B,2] (h,w) the network saw
                 orig_sizes:Optional[torch.Tensor]=None, # [B,2] (H0,W0) to paste into
-                topk:int=100) -> list: # one dict per image: boxes, labels (0..C-1), scores, masks [N,1,H0,W0]
+                topk:int=100, # detections per image
+                paste:bool=True, # False: box-local 'mask_crops' + 'image_size' (see `segbook.istr.postprocess`)
+               ) -> list: # one dict per image: boxes, labels (0..C-1), scores, masks [N,1,H0,W0]
         "Detections with refined (or, with `refine` off, coarse) masks pasted into the original image size."
-        from segbook.istr import paste_masks
+        from segbook.istr import pasted_or_crops
         orig_sizes = image_sizes if orig_sizes is None else orig_sizes
         sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
         feats, dets, _ = self._detect(images, sizes)
@@ -476,7 +478,7 @@ class MaskRCNNTransfiner(nn.Module):
         for d, m, (h, w), (H0, W0) in zip(dets, masks.split(counts), sizes, orig_sizes.tolist()):
             scale = torch.tensor([W0 / w, H0 / h, W0 / w, H0 / h], device=images.device)
             bx = d["boxes"] * scale
-            out.append(dict(boxes=bx, labels=d["labels"] - 1, scores=d["scores"], masks=paste_masks(m, bx, int(H0), int(W0))))
+            out.append(dict(boxes=bx, labels=d["labels"] - 1, scores=d["scores"], **pasted_or_crops(m, bx, H0, W0, paste)))
         return out
 
 # %% ../nbs/08_transfiner.ipynb #bb68e6af
@@ -569,9 +571,11 @@ class ISTRTransfiner(nn.Module):
     def predict(self, images:torch.Tensor, # [B,3,H,W]
                 image_sizes:torch.Tensor, # [B,2] (h,w) the network saw
                 orig_sizes:Optional[torch.Tensor]=None, # [B,2] (H0,W0) to paste into
-                topk:int=100) -> list: # one dict per image: boxes, labels, scores, masks [N,1,H0,W0]
+                topk:int=100, # detections per image
+                paste:bool=True, # False: box-local 'mask_crops' + 'image_size' (see `segbook.istr.postprocess`)
+               ) -> list: # one dict per image: boxes, labels, scores, masks [N,1,H0,W0]
         "ISTR's top-k detections with refined (or, with `refine` off, ISTR's own decoded) masks pasted at the original size."
-        from segbook.istr import paste_masks
+        from segbook.istr import pasted_or_crops
         orig_sizes = image_sizes if orig_sizes is None else orig_sizes
         image_sizes = image_sizes.to(images.device)
         last = self.istr(images, image_sizes)["stages"][-1]
@@ -597,7 +601,7 @@ class ISTRTransfiner(nn.Module):
         out = []
         for i, (H0, W0) in enumerate(orig_sizes.tolist()):  # a loop over images: per-image paste sizes
             bx = clip_to_images(boxes[i], torch.tensor([H0, W0], device=boxes.device))
-            out.append(dict(boxes=bx, labels=labels[i], scores=scores[i], masks=paste_masks(masks[i], bx, int(H0), int(W0))))
+            out.append(dict(boxes=bx, labels=labels[i], scores=scores[i], **pasted_or_crops(masks[i], bx, H0, W0, paste)))
         return out
 
 # %% ../nbs/08_transfiner.ipynb #c535fc52

@@ -393,3 +393,18 @@ def test_bad_arguments_are_one_line_errors_before_any_work(shapes, run, tmp_path
         assert "error:" in last and "Traceback" not in "\n".join(err), (name, err)
         assert all(w in last for w in words), (name, last)
         assert not (tmp_path / "o").exists(), name
+
+
+def test_unpasted_predictions_score_like_pasted_ones(run):
+    "`predict(..., paste=False)` (what evaluation and predict use, so that big images stay in bounded memory) gives the"
+    " same COCO results as pasting every mask at full size."
+    from segbook.evaluation import predictions_to_coco
+    from segbook.pipeline import load_trained
+    model, _ = load_trained(run / "last.pt")
+    x = torch.randn(1, 3, 64, 64)
+    sizes, orig = torch.tensor([[64, 64]]), torch.tensor([[301, 455]])
+    pasted = model.predict(x, sizes, orig, topk=20)
+    crops = model.predict(x, sizes, orig, topk=20, paste=False)
+    assert "masks" not in crops[0] and crops[0]["image_size"] == (301, 455)
+    a, b = predictions_to_coco(pasted, [1], list(range(1, 81))), predictions_to_coco(crops, [1], list(range(1, 81)))
+    assert len(a) == 20 and a == b

@@ -331,3 +331,17 @@ def test_coco_mini_backend_equals_reference():
     ref_gt = load_coco(sub)
     for t in IOU_TYPES:
         assert np.allclose(got[t]["stats"], reference_stats(ref_gt, results, t), atol=1e-4, rtol=0), t
+
+
+def test_paste_to_rle_in_chunks_equals_pasting_all_at_once():
+    "Large images: pasting a few masks at a time (any budget) gives the RLEs of pasting all N at once."
+    import torch
+    from segbook.evaluation import encode_masks, paste_to_rle
+    from segbook.istr import paste_masks
+    g = torch.Generator().manual_seed(0)
+    crops = torch.rand(7, 28, 28, generator=g)
+    xy = torch.rand(7, 2, generator=g) * torch.tensor([250.0, 150.0])
+    boxes = torch.cat([xy, xy + 5 + torch.rand(7, 2, generator=g) * 60], 1)
+    full = encode_masks(paste_masks(crops, boxes, 200, 300))
+    for budget in (1, 200 * 300 * 2, 10 ** 9):
+        assert paste_to_rle(crops, boxes, 200, 300, budget=budget) == full

@@ -84,7 +84,23 @@ def encode_masks(masks, # [N,H,W] bool/0-1 (or [N,1,H,W] probabilities, see `mas
     for r in rles: r["counts"] = r["counts"].decode("ascii")
     return rles
 
-def predictions_to_coco(predictions:list, # one dict per image: boxes [N,4] xyxy, labels [N], scores [N], optional masks
+PASTE_BUDGET = 1 << 25   # mask pixels pasted at once by `paste_to_rle` (128 MiB of float32)
+
+def paste_to_rle(crops:torch.Tensor, # [N, s, s] box-local mask probabilities
+                 boxes:torch.Tensor, # [N, 4] xyxy in image pixels
+                 height:int, width:int, # image size
+                 mask_threshold:float=0.5, # foreground where > this
+                 budget:int=PASTE_BUDGET, # pixels pasted at once: memory stays ~4*budget bytes whatever H*W*N is
+                ) -> list: # N compressed RLE dicts
+    "COCO RLEs of masks pasted into their boxes a few at a time, so a 100-detection 24-megapixel image never holds 100 full masks."
+    from segbook.istr import paste_masks
+    step = max(1, budget // max(1, height * width))
+    rles = []
+    for i in range(0, len(crops), step):
+        rles += encode_masks(paste_masks(crops[i:i + step].float(), boxes[i:i + step].float(), height, width)[:, 0] > mask_threshold)
+    return rles
+
+def predictions_to_coco(predictions:list, # one dict per image: boxes [N,4] xyxy, labels [N], scores [N], optional masks (or mask_crops)
                         image_ids:list, # COCO image id of each prediction dict
                         coco_ids, # contiguous label -> COCO category id (list, tensor or dict)
                         score_threshold:float=0.0, # keep detections with score >= this
@@ -104,7 +120,12 @@ def predictions_to_coco(predictions:list, # one dict per image: boxes [N,4] xyxy
         missing = set(labels.tolist()) - set(lookup)
         if missing: raise ValueError(f"labels {sorted(missing)} of image {image_id} have no entry in coco_ids")
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
-        rles = encode_masks(_as_numpy(pred["masks"])[keep], mask_threshold) if "masks" in pred else None
+        if "masks" in pred: rles = encode_masks(_as_numpy(pred["masks"])[keep], mask_threshold)
+        elif "mask_crops" in pred:   # unpasted (`predict(..., paste=False)`): pasted here in bounded chunks
+            k = torch.as_tensor(keep)
+            rles = paste_to_rle(torch.as_tensor(pred["mask_crops"])[k], torch.as_tensor(pred["boxes"])[k], *pred["image_size"],
+                                mask_threshold)
+        else: rles = None
         for i in range(len(keep)):
             r = {"image_id": int(image_id), "category_id": lookup[int(labels[i])],
                  "bbox": xywh[i].tolist(), "score": round(float(scores[keep[i]]), 5)}

@@ -36,6 +36,7 @@
 
 # %%
 #| export
+import inspect
 import json
 import math
 import os
@@ -155,6 +156,21 @@ def _build_model(cfg:TrainConfig) -> torch.nn.Module:
 
 # %%
 #| export
+def binary_masks(crops:torch.Tensor, boxes:torch.Tensor, # [N,s,s] box-local probabilities, [N,4] xyxy
+                 height:int, width:int, budget:int=1 << 25) -> torch.Tensor: # [N,H,W] bool
+    "Paste box-local masks into bool full-size masks a few at a time (1 byte a pixel; the float paste stays ~4*budget bytes)."
+    from segbook.istr import paste_masks
+    out = torch.zeros(len(crops), height, width, dtype=torch.bool)
+    step = max(1, budget // max(1, height * width))
+    for i in range(0, len(crops), step):
+        out[i:i + step] = paste_masks(crops[i:i + step].float(), boxes[i:i + step].float(), height, width)[:, 0] > 0.5
+    return out
+
+def unpasted(model) -> dict:
+    "`{'paste': False}` when `model.predict` can return box-local mask crops (pasted later in bounded chunks), else `{}`."
+    params = inspect.signature(model.predict).parameters
+    return {"paste": False} if "paste" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()) else {}
+
 @torch.no_grad()
 def predict_dataset(model, ds:CocoInstances, device="cpu", batch_size:int=8, max_images:int|None=None,
                     topk:int=100, progress:bool=True) -> tuple:
@@ -175,8 +191,8 @@ def predict_dataset(model, ds:CocoInstances, device="cpu", batch_size:int=8, max
         images, targets = collate(samples)
         sizes = torch.stack([t["size"] for t in targets]).to(device)
         orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
-        out = model.predict(images.to(device), sizes, orig, topk=topk)
-        preds += [{k: v.cpu() for k, v in p.items()} for p in out]
+        out = model.predict(images.to(device), sizes, orig, topk=topk, **unpasted(model))
+        preds += [{k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()} for p in out]
         ids += [int(t["image_id"]) for t in targets]
     return preds, ids
 
@@ -392,13 +408,14 @@ def predict_command(checkpoint, # a last.pt written by `segbook train`
         x, t = tf(img, empty)
         batch, _ = collate([(x, t)])
         with torch.no_grad():
-            det = model.predict(batch.to(device), t["size"][None].to(device), torch.tensor([[h, w]], device=device))[0]
-        det = {k: v.cpu() for k, v in det.items()}
+            det = model.predict(batch.to(device), t["size"][None].to(device), torch.tensor([[h, w]], device=device),
+                                **unpasted(model))[0]
+        det = {k: v.cpu() if torch.is_tensor(v) else v for k, v in det.items()}
         keep = det["scores"] >= score_threshold
         if not bool(keep.any()):
             empty_images.append((str(p), float(det["scores"].max()) if len(det["scores"]) else None))
-        det = {k: v[keep] for k, v in det.items()}
-        masks = det["masks"][:, 0] > 0.5
+        det = {k: v[keep] if torch.is_tensor(v) else v for k, v in det.items()}
+        masks = det["masks"][:, 0] > 0.5 if "masks" in det else binary_masks(det["mask_crops"], det["boxes"], h, w)
         labels = [f"{names[int(l)]} {float(s):.2f}" for l, s in zip(det["labels"], det["scores"])]
         png = out / (Path(p).stem + ".png")
         drawn = Image.fromarray(draw_instances(img, masks, det["boxes"], labels))
