@@ -1,8 +1,9 @@
 """A bad-input corpus of COCO annotation files, generated on the fly (issue #16 items 1 and 9).
 
 Every case starts from one valid file (two 32x32 images, one category, three annotations) and breaks one thing.
-Each must end the same way through all three readers of annotation files — the training data set
-(`CocoInstances`), the PCA fit (`iter_coco_masks`) and the evaluator (`evaluate_coco`): accepted, a counted skip with
+Each must end the same way through all four readers of annotation files — the training data set
+(`CocoInstances`), the PCA fit (`iter_coco_masks`), the evaluator (`evaluate_coco`) and `predict --data --split`
+(`image_ids_by_file`): accepted, a counted skip with
 its reason, or one `DatasetError` naming the file, the record and the field. Never a crash inside pycocotools,
 never a silently different number."""
 import copy
@@ -16,6 +17,7 @@ from PIL import Image
 from segbook.data import CocoInstances, DatasetError
 from segbook.embeddings import iter_coco_masks
 from segbook.evaluation import evaluate_coco
+from segbook.pipeline import image_ids_by_file
 
 SQUARE = [[4, 4, 20, 4, 20, 20, 4, 20]]
 
@@ -130,12 +132,13 @@ def test_one_verdict_for_every_reader(tmp_path, name, breaker, expected):
         "dataset": lambda: CocoInstances(tmp_path, "val", train=True),
         "pca-fit": lambda: list(iter_coco_masks(path, size=8, progress=False)),
         "evaluator": lambda: evaluate_coco(path, [], iou_types=("segm",)),
+        "predict": lambda: image_ids_by_file(tmp_path, "val", [tmp_path / "val" / "1.png"]),   # predict --data --split
     }
     got = {k: outcome(fn) for k, fn in readers.items()}
     if expected == "ok":
         assert all(kind == "ok" for kind, _ in got.values()), got
-    elif expected[0] == "skip":
-        assert all(kind == "ok" and expected[1] in msg for kind, msg in got.values()), got
+    elif expected[0] == "skip":   # predict only looks the image up: a skipped annotation is no concern of it
+        assert all(kind == "ok" and (expected[1] in msg or r == "predict") for r, (kind, msg) in got.items()), got
         ds = CocoInstances(tmp_path, "val", train=True)
         assert ds.skipped[expected[1]] == 1
     else:
@@ -152,3 +155,16 @@ def test_skipped_ground_truth_is_left_out_of_the_evaluation_as_in_training(tmp_p
         m = evaluate_coco(path, perfect_results(valid()), iou_types=("segm",))
     assert m["segm"]["AP"] == pytest.approx(1.0)             # not penalised for a GT that no model could be trained on
     assert len(CocoInstances(tmp_path, "val", train=False)._anns[1]) == 1
+
+
+@pytest.mark.parametrize("file_name", ["../1.png", "/etc/passwd", "", "a/../../1.png", 7])
+def test_image_path_must_stay_inside_the_split_folder(tmp_path, file_name):
+    "Readers that open image files refuse a file_name that leaves the split folder; the evaluator never opens one."
+    d = valid()
+    d["images"][0]["file_name"] = file_name
+    path = write_split(tmp_path, d)
+    for fn in (lambda: CocoInstances(tmp_path, "val"), lambda: list(iter_coco_masks(path, size=8, progress=False)),
+               lambda: image_ids_by_file(tmp_path, "val", [tmp_path / "val" / "2.png"])):
+        kind, msg = outcome(fn)
+        assert kind == "error" and "images[0] (id=1)" in msg and "'file_name'" in msg, msg
+    assert outcome(lambda: evaluate_coco(path, [], iou_types=("segm",)))[0] == "ok"

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from segbook.config import ConfigError, TrainConfig, load_config, save_config
 from segbook.data import (LOAD_SKIPS, CocoInstances, DatasetError, build_transforms, collate, coco_paths, load_coco_json, read_rgb,
+                          read_coco_instances,
                           segmentation_to_rle, skip_summary)
 
 
@@ -356,7 +357,7 @@ def image_ids_by_file(data, # dataset root
                      ) -> list: # the `images[].id` of each file, and its record (height, width)
     "Look image files up by file name in a split's annotations -> [(id, image record)]; `DatasetError` when one is not there."
     ann_file, _ = coco_paths(data, split)
-    recs = load_coco_json(ann_file)["images"]
+    recs = list(read_coco_instances(ann_file).images.values())   # the same checks (and verdicts) as train, eval and pca-fit
     by_path = {str(r.get("file_name")): r for r in recs}
     by_name = {}
     for r in recs: by_name.setdefault(Path(str(r.get("file_name"))).name, []).append(r)
