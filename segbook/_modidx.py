@@ -555,4 +555,5 @@ d = { 'settings': { 'branch': 'main',
                              'segbook.viz.figures_dir': ('viz.html#figures_dir', 'segbook/viz.py'),
                              'segbook.viz.instance_colors': ('viz.html#instance_colors', 'segbook/viz.py'),
                              'segbook.viz.save_figure': ('viz.html#save_figure', 'segbook/viz.py'),
+                             'segbook.viz.show_in_notebook': ('viz.html#show_in_notebook', 'segbook/viz.py'),
                              'segbook.viz.write_figure': ('viz.html#write_figure', 'segbook/viz.py')}}}

@@ -115,12 +115,24 @@ if _ledger is not None:
 # ## Reading the book in JupyterLab
 #
 # ```bash
-# bash tools/install.sh && .venv/bin/jupyter lab nbs/
+# bash tools/install.sh && .venv/bin/jupyter lab --allow-root nbs/
 # ```
 #
-# Every chapter runs top to bottom on a CPU in about a minute. Chapters that use real COCO masks
-# look for `coco-mini` beside the repository (`../shared/coco-mini`, or `$SEGBOOK_COCO_MINI`) and
-# skip those cells when it is absent. Figures land in `figures/`.
+# (`--allow-root` only matters where you are root, as on segbook's machines.) Every chapter runs top to bottom on a
+# CPU in about a minute. Chapters that use real COCO masks look for `coco-mini` beside the repository
+# (`../shared/coco-mini`, or `$SEGBOOK_COCO_MINI`) and skip those cells when it is absent. Figures land in `figures/`.
+#
+# ## Reading the book as a site
+#
+# ```bash
+# bash tools/docs.sh        # every chapter executed and rendered into _site/; open _site/index.html
+# ```
+#
+# One page per chapter in reading order, each executed at build time so its figures are the ones the current code
+# draws, equations typeset as MathML (no network needed to read it), a chapter list beside every page. A rebuild
+# re-executes only the chapters whose notebook or package code changed (`_site/.cache/`). `tests/test_site.py` opens
+# every page in headless Chromium (`tools/install_chromium.sh` installs Debian's) and checks figures, equations, links
+# and that nothing is fetched from the network; CI runs it.
 #
 # Editing: change a notebook (or its py:percent twin under `twins/`), then `bash tools/sync.sh`
 # exports the package and keeps notebooks, twins and this README in step. Never edit `segbook/*.py`
@@ -182,8 +194,10 @@ if _ledger is not None:
 #
 # Bad input fails early with the file and field named (a missing image, malformed JSON, an
 # annotation for an unknown image or category); a degenerate polygon or a corrupt image met during a
-# long run is skipped, counted and warned about. Pretrained backbone weights load from a local file
-# path when you have them; segbook never downloads at run time.
+# long run is skipped, counted and warned about, and `train`, `eval` and `pca-fit` end with one line that sums up
+# what they left out, by reason (also stored with their metrics). Images of any mode read as RGB (16-bit grey is
+# scaled, not clipped); an image over `data.max_image_pixels` is refused before it is decoded. Pretrained backbone
+# weights load from a local file path when you have them; segbook never downloads at run time.
 
 # %% [markdown]
 # ## What is measured where

@@ -62,8 +62,20 @@ def write_figure(fig, path, # a matplotlib figure and the file to write (format 
 
 def save_figure(fig, name:str, # file name without folder, e.g. 'data_shapes_grid.png'
                 dpi:int=110) -> Path:
-    "Save a matplotlib `fig` into `figures_dir()` (`write_figure`: temp file, then rename) and return the path."
-    return write_figure(fig, figures_dir() / name, dpi)
+    "Save a matplotlib `fig` into `figures_dir()` (`write_figure`: temp file, then rename), show it in a notebook, return the path."
+    path = write_figure(fig, figures_dir() / name, dpi)
+    show_in_notebook(path)
+    return path
+
+def show_in_notebook(path):
+    "Display a saved image below the cell when running in IPython (a chapter, its site page); nothing elsewhere."
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(filename=str(path)))
 
 
 # %% [markdown]
