@@ -66,14 +66,14 @@ def draw_instances(image, # [3,H,W] uint8 tensor or [H,W,3] uint8 array
                    labels=None, # N strings
                    alpha:float=0.5) -> np.ndarray:
     "Overlay instance masks, boxes and labels on `image`; returns an [H,W,3] uint8 array."
-    img = torch.as_tensor(np.asarray(image)) if not torch.is_tensor(image) else image
+    img = torch.as_tensor(np.array(image)) if not torch.is_tensor(image) else image
     if img.ndim == 3 and img.shape[-1] == 3 and img.shape[0] != 3:
         img = img.permute(2, 0, 1)
     img = img.to(torch.uint8).contiguous()
     n = len(masks) if masks is not None else (len(boxes) if boxes is not None else 0)
     colors = instance_colors(n)
     if masks is not None and n:
-        img = draw_segmentation_masks(img, torch.as_tensor(np.asarray(masks)).bool(), alpha=alpha, colors=colors)
+        img = draw_segmentation_masks(img, torch.as_tensor(np.array(masks)).bool(), alpha=alpha, colors=colors)
     if boxes is not None and n:
         img = draw_bounding_boxes(img, torch.as_tensor(np.asarray(boxes), dtype=torch.float32),
                                   labels=list(labels) if labels is not None else None, colors=colors, width=1)

@@ -173,6 +173,7 @@ def build(out: Path, only=None, timeout: int = 900) -> dict:
     pages = [(page_name(p), title_of(nbformat.read(p, as_version=4))) for p in nbs]
     os.environ.setdefault("SEGBOOK_FIGURES", tempfile.mkdtemp(prefix="segbook-site-figures-"))
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("TQDM_DISABLE", "1")   # progress bars are for live runs; a static page would keep their last frame
     report, failed = [], []
     for p in nbs:
         if only and p.stem not in only:

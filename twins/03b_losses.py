@@ -326,7 +326,7 @@ def fit_free_predictions(targets, codec, steps=150, Q=6, C=5, seed=0):
     for _ in range(steps):
         losses = crit([params], targets)
         opt.zero_grad(); losses["loss"].backward(); opt.step(); sched.step()
-        history.append({k: float(v) for k, v in losses.items()})
+        history.append({k: float(v.detach()) for k, v in losses.items()})
     return {k: v.detach() for k, v in params.items()}, history
 
 fitted, history = fit_free_predictions(targets, codec)

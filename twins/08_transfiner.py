@@ -819,7 +819,7 @@ refined, nodes, node_masks = head.refine(levels, rois, blocky, return_nodes=True
 gt112 = crop_masks(masks, rois[:, 1:], 112)
 iou = lambda a, b: float((a & b).sum() / (a | b).sum())
 near = F.interpolate(blocky[:, None], size=(112, 112), mode="nearest")[:, 0] >= 0.5
-print({"loss_refine": round(float(l["loss_refine"]), 3), "nodes per level": [int(x.sum()) for x in node_masks],
+print({"loss_refine": round(float(l["loss_refine"].detach()), 3), "nodes per level": [int(x.sum()) for x in node_masks],
        "IoU coarse": round(iou(near, gt112), 3), "IoU refined": round(iou(refined >= 0.5, gt112), 3)})
 
 # %%
@@ -872,7 +872,7 @@ tfi.refine = True
 print([{k: tuple(v.shape) for k, v in d.items()} for d in refined_dets])
 
 # %%
-assert {"loss_incoherent", "loss_refine", "loss_ce_s2", "loss_dice_s2"} <= set(tl) and float(tl["loss_refine"]) > 0
+assert {"loss_incoherent", "loss_refine", "loss_ce_s2", "loss_dice_s2"} <= set(tl) and float(tl["loss_refine"].detach()) > 0
 assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tfi.head.transformer.encoder.parameters())
 assert tfi.istr.backbone.body.conv1.weight.grad.abs().sum() > 0
 for r, c, i in zip(refined_dets, coarse_dets, istr_dets):
