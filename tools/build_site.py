@@ -42,6 +42,7 @@ body { margin: 0; }
 .sb-main { flex: 1 1 auto; min-width: 0; max-width: 64rem; padding: 0 1.5rem 3rem; }
 .sb-pager { display: flex; justify-content: space-between; margin: 2rem 0; font: 15px system-ui, sans-serif; }
 math[display="block"] { display: block; margin: 0.8em 0; overflow-x: auto; }
+.jp-RenderedMarkdown pre { background: #f4f5f7; padding: 0.6em 0.8em; border-radius: 4px; overflow-x: auto; }
 """
 
 
