@@ -29,6 +29,21 @@
 #
 # Where the official code differs from the paper, the paper is the default and the code's choice is
 # a config switch the book ablates (`../shared/method-details.md` lists each difference).
+#
+# The papers: ISTR, [arXiv 2105.00637](https://arxiv.org/abs/2105.00637), official code
+# [hujiecpp/ISTR](https://github.com/hujiecpp/ISTR) at commit 967c901 (the arXiv version: PCA, l = 60, 28×28); Mask
+# Transfiner, [arXiv 2111.13673](https://arxiv.org/abs/2111.13673), official code
+# [SysCV/transfiner](https://github.com/SysCV/transfiner) at commit 5b61fb5.
+#
+# Two reading paths, each chapter executable top to bottom on a CPU in about a minute:
+#
+# - **ISTR:** `02_mask_embeddings` (the PCA codec, Eqs. 1–3) → `03_matching` (the mask-aware matching cost, Eqs. 4–7)
+#   → `03b_losses` (the set loss, Eqs. 8–9) → `04_dynamic_attention` (Eqs. 10–11) → `05_istr` (the model, Alg. 1),
+#   then `05b_pretrain` for the backbone every trained result starts from.
+# - **Mask Transfiner:** `06_incoherent_regions` (Eq. 1) → `07_quadtree` (the point quadtree) → `07b_gather` (sparse
+#   features at its nodes) → `08_transfiner` (the refinement transformer, on Mask R-CNN and on ISTR).
+#
+# `01_data`, `09_evaluation` and `10_config` … `13_report` are the machinery both paths share.
 
 # %% [markdown]
 # ## Two commands
