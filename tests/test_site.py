@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SITE = Path(os.environ.get("SEGBOOK_SITE", REPO / "_site"))
+SITE = Path(os.environ.get("SEGBOOK_SITE", REPO / "_site")).resolve()   # a relative path (CI: _site) has no file URI
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 _missing = not (SITE / "index.html").exists() or CHROMIUM is None
