@@ -301,10 +301,11 @@ fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
 for name in METHODS:
     ok = [R for R in rois if results[name][R]["status"] == "ok"]
     ax[0].plot(ok, [results[name][R]["median_ms"] for R in ok], "o-", label=name)
-    okm = [R for R in ok if results[name][R]["peak_mb"] is not None]
+    okm = [R for R in ok if (results[name][R]["peak_mb"] or 0) > 0]  # a log axis shows positive values only
     ax[1].plot(okm, [results[name][R]["peak_mb"] for R in okm], "o-", label=name)
 for a, lab in zip(ax, ("time per call (ms)", "peak memory above inputs (MB)")):
-    a.set_xscale("log"); a.set_yscale("log"); a.set_xlabel("RoIs refined in one call (R)"); a.set_ylabel(lab); a.grid(alpha=0.3)
+    a.set_xscale("log"); a.set_xlabel("RoIs refined in one call (R)"); a.set_ylabel(lab); a.grid(alpha=0.3)
+    if a.has_data(): a.set_yscale("log")
     a.set_xticks(rois, [str(R) for R in rois]); a.minorticks_off()
 ax[0].legend(fontsize=7)
 fig.suptitle(f"Refinement step, {dev_text}, {profile} profile", fontsize=9)
