@@ -7,10 +7,10 @@ Docs: https://segbook.github.io/segbook/data.html.md"""
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'LOAD_SKIPS', 'IMAGE_SKIPS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'COCO_AREA_RNG', 'DatasetError',
            'coco_paths', 'load_coco_json', 'annotation_problem', 'read_coco_instances', 'segmentation_to_rle',
-           'decode_masks', 'mask_boxes', 'ImageTooLarge', 'rgb_array', 'read_rgb', 'CocoInstances', 'skip_summary',
-           'Compose', 'resized_shape', 'ResizeShortestEdge', 'RandomHorizontalFlip', 'Normalize', 'build_transforms',
-           'collate', 'render_ground_truth', 'browse', 'area_ranges', 'coco_statistics', 'find_shared',
-           'find_coco_mini']
+           'decode_masks', 'mask_boxes', 'iter_coco_masks', 'ImageTooLarge', 'rgb_array', 'read_rgb', 'CocoInstances',
+           'skip_summary', 'Compose', 'resized_shape', 'ResizeShortestEdge', 'RandomHorizontalFlip', 'Normalize',
+           'build_transforms', 'collate', 'render_ground_truth', 'browse', 'area_ranges', 'coco_statistics',
+           'find_shared', 'find_coco_mini']
 
 # %% ../nbs/01_data.ipynb #162df61a
 import contextlib
@@ -213,6 +213,62 @@ def mask_boxes(masks:torch.Tensor, # [N,H,W] binary
     if len(masks) == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
     return masks_to_boxes(masks.bool()).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+# %% ../nbs/01_data.ipynb #c91430c1
+def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT.json)
+                    size:int=28, # mask side s
+                    batch:int=4096, # masks per yielded batch
+                    stats:dict|None=None, # filled with counts: images, instances, crowd, used, skipped_*
+                    progress:bool=True, # show a tqdm bar over images
+                   ):
+    "Yield [b,s,s] uint8 batches of every non-crowd instance mask cropped to its GT box."
+    from collections import defaultdict
+    from torchvision.ops import box_convert
+    from tqdm.auto import tqdm
+    from segbook.embeddings import crop_and_resize_masks
+    path = Path(ann_json)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    coco = read_coco_instances(path)              # the data set's checks and skips, verbatim
+    per_image = defaultdict(list)
+    for ann in coco.annotations:
+        per_image[ann["image_id"]].append(ann)
+    st = stats if stats is not None else {}
+    st.update(images=len(coco.images), instances=len(coco.data["annotations"]), crowd=0, used=0,
+              **{f"skipped_{k}": 0 for k in ("degenerate_polygon", "zero_area_box", "empty_mask")})
+    for why, n in coco.skipped.items():
+        st[f"skipped_{why}"] = n
+    examples = [i for ids in coco.skipped_ids.values() for i in ids]
+    buffer, n_buffered = [], 0
+    for image_id in tqdm(sorted(per_image), desc=f"masks {path.name}", disable=not progress, leave=False):
+        im = coco.images[image_id]
+        anns = [a for a in per_image[image_id] if not a.get("iscrowd", 0)]
+        st["crowd"] += len(per_image[image_id]) - len(anns)
+        if not anns:
+            continue
+        decoded = decode_masks([a["segmentation"] for a in anns], im["height"], im["width"])
+        ids = [a.get("id") for a in anns]
+        boxes = torch.tensor([a["bbox"] for a in anns] if all("bbox" in a for a in anns) else
+                             box_convert(mask_boxes(decoded), "xyxy", "xywh").tolist(), dtype=torch.float32)
+        crops = crop_and_resize_masks(decoded, box_convert(boxes, "xywh", "xyxy"), size).to(torch.uint8)
+        nonempty = crops.flatten(1).bool().any(1)
+        n_empty = int((~nonempty).sum())
+        if n_empty:
+            st["skipped_empty_mask"] += n_empty
+            examples += [i for i, keep in zip(ids, nonempty.tolist()) if not keep]
+            crops = crops[nonempty]
+        st["used"] += len(crops)
+        buffer.append(crops); n_buffered += len(crops)
+        while n_buffered >= batch:
+            allm = torch.cat(buffer)
+            yield allm[:batch]
+            buffer, n_buffered = [allm[batch:]], len(allm) - batch
+    if n_buffered:
+        yield torch.cat(buffer)
+    skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
+    if skipped:
+        reasons = {k[len("skipped_"):]: v for k, v in st.items() if k.startswith("skipped_") and v}
+        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances {reasons}; e.g. annotation ids {examples[:5]}")
 
 # %% ../nbs/01_data.ipynb #09b01695
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb warning threshold

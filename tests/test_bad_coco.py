@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from segbook.data import CocoInstances, DatasetError
-from segbook.embeddings import iter_coco_masks
+from segbook.data import iter_coco_masks
 from segbook.evaluation import evaluate_coco
 from segbook.pipeline import image_ids_by_file
 

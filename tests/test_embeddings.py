@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from segbook.embeddings import (DCTCodec, MaskAutoencoder, MaskMoments, PCACodec, crop_and_resize_masks, dct_matrix,
-                                iter_coco_masks, mask_iou, noisy_logit, pca_fit_command, principal_axes,
+                                mask_iou, noisy_logit, pca_fit_command, principal_axes,
                                 reconstruction_miou, train_autoencoder, zigzag_order)
+from segbook.data import iter_coco_masks
 
 COCO_MINI = Path(os.environ.get("SEGBOOK_COCO_MINI", Path(__file__).resolve().parents[2] / "shared" / "coco-mini"))
 needs_coco = pytest.mark.skipif(not (COCO_MINI / "annotations").exists(), reason="coco-mini not found")

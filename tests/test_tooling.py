@@ -75,3 +75,35 @@ def test_committed_run_records_are_complete():
         for split, m in rec["evaluations"].items():
             for k in ("bbox_AP", "segm_AP", "boundary_AP"):
                 if k in m: assert 0 <= m[k] <= 1, f"{p.name}: evaluations.{split}.{k}={m[k]}"
+
+
+PAPER_CHAPTERS = {  # chapter: equation numbers it must typeset (paper's numbering), or None for unnumbered rules
+    "02_mask_embeddings": ["(1)", "(2)", "(3)"], "03_matching": ["{4}", "{5}", "{6}", "{7}"], "03b_losses": ["{8}", "{9}"],
+    "04_dynamic_attention": ["(10)", "(11)"], "05_istr": [], "06_incoherent_regions": ["(1)"], "07_quadtree": [],
+    "08_transfiner": []}
+
+
+@pytest.mark.parametrize("chapter", sorted(PAPER_CHAPTERS))
+def test_paper_chapters_typeset_their_equations(chapter):
+    "Each paper chapter has display equations (issue #15 item 3), with the paper's numbers where the paper numbers them."
+    import nbformat, re
+    nb = nbformat.read(REPO / "nbs" / f"{chapter}.ipynb", as_version=4)
+    md = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    blocks = re.findall(r"\$\$(.+?)\$\$", re.sub(r"```.*?```", "", md, flags=re.S), flags=re.S)
+    assert blocks, f"{chapter}: no display equation"
+    for number in PAPER_CHAPTERS[chapter]:
+        assert any(number in b for b in blocks), f"{chapter}: equation {number} is not typeset"
+
+
+def test_coco_mini_recipe_rebuilds_the_shared_copy(tmp_path):
+    "tools/make_coco_mini.py, fed the shared copy's own images and panoptic files, writes its instances JSON byte for byte."
+    from segbook.data import find_coco_mini
+    root = find_coco_mini(REPO)
+    if root is None or not (root / "annotations" / "panoptic_val2017.json").exists():
+        pytest.skip("no coco-mini with panoptic annotations beside the repository")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_coco_mini.py"), "--coco", str(root), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for split in ("train2017", "val2017"):
+        name = f"annotations/instances_{split}.json"
+        assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), f"{name} differs"
+        assert sorted(p.name for p in (tmp_path / split).iterdir()) == sorted(p.name for p in (root / split).iterdir())

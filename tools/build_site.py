@@ -41,14 +41,22 @@ body { margin: 0; }
 .sb-nav a.sb-here { background: #dde7f3; font-weight: 600; }
 .sb-main { flex: 1 1 auto; min-width: 0; max-width: 64rem; padding: 0 1.5rem 3rem; }
 .sb-pager { display: flex; justify-content: space-between; margin: 2rem 0; font: 15px system-ui, sans-serif; }
+a code { color: #1a5fb4; text-decoration: underline; }
 math[display="block"] { display: block; margin: 0.8em 0; overflow-x: auto; }
+math[display="block"] { display: block math; margin: 0.7em 0; font-size: 1.12em; }
 .jp-RenderedMarkdown pre { background: #f4f5f7; padding: 0.6em 0.8em; border-radius: 4px; overflow-x: auto; }
 """
 
 
+APPENDIX = ["experiments/paper_vs_code.ipynb"]   # experiment notebooks that are also read as appendix chapters (seconds to run)
+
+
 def chapters() -> list:
-    "The chapter notebooks in reading order (their file names sort that way); 00_index becomes index.html."
-    return sorted(NBS.glob("*.ipynb"))
+    "The chapter notebooks in reading order (their file names sort that way), then the appendix; 00_index becomes index.html."
+    return sorted(NBS.glob("*.ipynb")) + [NBS / a for a in APPENDIX]
+
+
+PAGES = set(p.resolve() for p in chapters())
 
 
 def page_name(nb: Path) -> str:
@@ -97,6 +105,7 @@ def math_to_mathml(md: str, where: str) -> str:
     "Replace `$$…$$` (block) and `$…$` (inline) TeX outside code with MathML; a formula it cannot convert fails the build."
     def convert(tex, display):
         tex = re.sub(r"\\arg\s*\\(min|max)", r"\\mathrm{arg\\,\1}", tex.strip())   # latex2mathml lacks \arg
+        tex = re.sub(r"\\tag\{([^}]*)\}", r"\\qquad(\1)", tex)   # an equation number: spaced off, as \tag sets it
         try:
             return latex2mathml.converter.convert(tex, display=display)
         except Exception as e:
@@ -111,15 +120,15 @@ def math_to_mathml(md: str, where: str) -> str:
 _LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 
 
-def rewrite_links(md: str, site: Path) -> str:
-    "Links to chapters go to their pages; links to other repository files go to a copy under OUT/assets/."
+def rewrite_links(md: str, site: Path, base: Path = NBS) -> str:
+    "Links to chapters (relative to `base`, the notebook's folder) go to their pages; other repository files to OUT/assets/."
     def fix(m):
         target = m[2]
         if re.match(r"^(https?:|mailto:|#|data:)", target):
             return m[0]
         path, _, anchor = target.partition("#")
-        src = (NBS / path).resolve()
-        if src.suffix == ".ipynb" and src.parent == NBS:
+        src = (base / path).resolve()
+        if src.suffix == ".ipynb" and src in PAGES:
             new = page_name(src)
         elif src.is_file() and ROOT in src.parents:
             rel = src.relative_to(ROOT)
@@ -145,12 +154,15 @@ def pager_html(pages: list, here: str) -> str:
     return f'<div class="sb-pager">{prev}{nxt}</div>'
 
 
-def render(nb, name: str, pages: list, site: Path) -> str:
+def render(nb, name: str, pages: list, site: Path, base: Path = NBS) -> str:
     "One chapter page: nbconvert's lab template without remote scripts, math as MathML, the chapter nav around it."
     for c in nb.cells:
         if c.cell_type == "markdown":
-            c.source = rewrite_links(math_to_mathml(c.source, name), site)
-        elif c.cell_type == "code":   # nbdev's directives (#| export, #| hide ...) are for the tools, not the reader
+            c.source = rewrite_links(math_to_mathml(c.source, name), site, base)
+        elif c.cell_type == "code":
+            for o in c.get("outputs", []):   # tables a cell displays as Markdown link to chapters too
+                if "text/markdown" in o.get("data", {}):
+                    o["data"]["text/markdown"] = rewrite_links(o["data"]["text/markdown"], site, base)   # nbdev's directives (#| export, #| hide ...) are for the tools, not the reader
             if re.match(r"^#\|\s*hide\b", c.source): c.source, c.outputs = "", []
             c.source = "\n".join(l for l in c.source.splitlines() if not l.startswith("#|")).strip("\n")
     nb.cells = [c for c in nb.cells if c.source.strip() or c.get("outputs")]
@@ -186,7 +198,7 @@ def build(out: Path, only=None, timeout: int = 900) -> dict:
             failed.append(p.stem)
             print(f"build_site: {p.name}: a cell failed:\n{str(e)[-1500:]}", file=sys.stderr)
             continue
-        text = render(nb, page_name(p), pages, site)
+        text = render(nb, page_name(p), pages, site, p.parent)
         tmp = site / f".{page_name(p)}.{os.getpid()}.tmp"
         tmp.write_text(text); os.replace(tmp, site / page_name(p))
         report.append((p.stem, round(time.perf_counter() - t, 1), cached))

@@ -94,6 +94,29 @@ def remove_stale_temps(path, # a file written by `atomic_write`
 
 
 # %% [markdown]
+# The book's tables are Markdown files written the same way: a list of rows (dicts with the same keys) becomes a
+# table, floats with three decimals.
+
+# %%
+#| export
+def write_markdown_table(rows:list, # list of dicts with the same keys
+                         path, # output .md file
+                         title:str="", # a line above the table
+                        ) -> Path:
+    "Write `rows` as a Markdown table (temp file + rename)."
+    path = Path(path)
+    keys = list(rows[0])
+    lines = ([title, ""] if title else []) + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
+    return write_text_atomic("\n".join(lines) + "\n", path)
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    md = write_markdown_table([{"codec": "PCA", "l=60": 0.93456}, {"codec": "DCT", "l=60": "–"}], Path(d) / "t.md", "Title").read_text()
+assert md == "Title\n\n| codec | l=60 |\n|---|---|\n| PCA | 0.935 |\n| DCT | – |\n", md
+
+# %% [markdown]
 # ## Tests
 #
 # The target is replaced whole; a writer that fails leaves the old content and no temporary file; a temporary file

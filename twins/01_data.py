@@ -280,6 +280,100 @@ def mask_boxes(masks:torch.Tensor, # [N,H,W] binary
 # `x → x·W'/W`, with no half-pixel bookkeeping; COCO's `[x, y, w, h]` is the same convention.
 
 # %% [markdown]
+# ## Instance masks cropped to their boxes, streamed
+#
+# As the official `MaskLoader`, the reader needs only the annotation JSON: image sizes come from
+# its `images` table, masks (polygons, RLE or uncompressed RLE) are decoded with pycocotools. Crowd
+# regions are left out. Per image, all instances are decoded into one [k,H,W] stack and cropped in one
+# RoIAlign call; crops are streamed in batches so that memory does not depend on the dataset size.
+# The file is read and checked by `segbook.data.read_coco_instances`, the same function the training data set
+# uses, so an annotation is skipped (zero-area box, polygon of fewer than 3 points; counted, one warning at the end
+# with example ids), kept, or refused with an error naming the file, record and field exactly as there. A crop that
+# comes out empty is skipped and counted too. Without a `bbox`, the crop box is the mask's own.
+
+# %%
+#| export
+def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT.json)
+                    size:int=28, # mask side s
+                    batch:int=4096, # masks per yielded batch
+                    stats:dict|None=None, # filled with counts: images, instances, crowd, used, skipped_*
+                    progress:bool=True, # show a tqdm bar over images
+                   ):
+    "Yield [b,s,s] uint8 batches of every non-crowd instance mask cropped to its GT box."
+    from collections import defaultdict
+    from torchvision.ops import box_convert
+    from tqdm.auto import tqdm
+    from segbook.embeddings import crop_and_resize_masks
+    path = Path(ann_json)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    coco = read_coco_instances(path)              # the data set's checks and skips, verbatim
+    per_image = defaultdict(list)
+    for ann in coco.annotations:
+        per_image[ann["image_id"]].append(ann)
+    st = stats if stats is not None else {}
+    st.update(images=len(coco.images), instances=len(coco.data["annotations"]), crowd=0, used=0,
+              **{f"skipped_{k}": 0 for k in ("degenerate_polygon", "zero_area_box", "empty_mask")})
+    for why, n in coco.skipped.items():
+        st[f"skipped_{why}"] = n
+    examples = [i for ids in coco.skipped_ids.values() for i in ids]
+    buffer, n_buffered = [], 0
+    for image_id in tqdm(sorted(per_image), desc=f"masks {path.name}", disable=not progress, leave=False):
+        im = coco.images[image_id]
+        anns = [a for a in per_image[image_id] if not a.get("iscrowd", 0)]
+        st["crowd"] += len(per_image[image_id]) - len(anns)
+        if not anns:
+            continue
+        decoded = decode_masks([a["segmentation"] for a in anns], im["height"], im["width"])
+        ids = [a.get("id") for a in anns]
+        boxes = torch.tensor([a["bbox"] for a in anns] if all("bbox" in a for a in anns) else
+                             box_convert(mask_boxes(decoded), "xyxy", "xywh").tolist(), dtype=torch.float32)
+        crops = crop_and_resize_masks(decoded, box_convert(boxes, "xywh", "xyxy"), size).to(torch.uint8)
+        nonempty = crops.flatten(1).bool().any(1)
+        n_empty = int((~nonempty).sum())
+        if n_empty:
+            st["skipped_empty_mask"] += n_empty
+            examples += [i for i, keep in zip(ids, nonempty.tolist()) if not keep]
+            crops = crops[nonempty]
+        st["used"] += len(crops)
+        buffer.append(crops); n_buffered += len(crops)
+        while n_buffered >= batch:
+            allm = torch.cat(buffer)
+            yield allm[:batch]
+            buffer, n_buffered = [allm[batch:]], len(allm) - batch
+    if n_buffered:
+        yield torch.cat(buffer)
+    skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
+    if skipped:
+        reasons = {k[len("skipped_"):]: v for k, v in st.items() if k.startswith("skipped_") and v}
+        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances {reasons}; e.g. annotation ids {examples[:5]}")
+
+
+# %% [markdown]
+# A file with one zero-area box, one empty mask and one good polygon: the good one is kept, the
+# other two are counted and named in one warning.
+
+# %%
+import tempfile
+def _tiny_coco(path):
+    anns = [dict(id=1, image_id=7, bbox=[2, 2, 10, 10], iscrowd=0, segmentation=[[2, 2, 12, 2, 12, 12, 2, 12]]),
+            dict(id=2, image_id=7, bbox=[5, 5, 0, 4], iscrowd=0, segmentation=[[5, 5, 5, 9, 5, 7]]),
+            dict(id=3, image_id=7, bbox=[20, 20, 5, 5], iscrowd=0, segmentation={"size": [32, 32], "counts": [1024]}),
+            dict(id=4, image_id=7, bbox=[0, 0, 32, 32], iscrowd=1, segmentation={"size": [32, 32], "counts": [0, 1024]})]
+    path.write_text(json.dumps(dict(images=[dict(id=7, file_name="7.png", height=32, width=32)],
+                                    categories=[dict(id=1, name="thing")], annotations=[dict(a, category_id=1) for a in anns])))
+    return path
+
+with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    st = {}
+    got = list(iter_coco_masks(_tiny_coco(Path(d) / "t.json"), size=8, stats=st, progress=False))
+assert len(got) == 1 and got[0].shape == (1, 8, 8) and got[0].all()
+assert st["used"] == 1 and st["skipped_zero_area_box"] == 1 and st["skipped_empty_mask"] == 1 and st["crowd"] == 1
+msgs = [str(c.message) for c in caught if "skipped" in str(c.message)]
+assert len(msgs) == 1 and "skipped 2 of 4" in msgs[0] and "t.json" in msgs[0] and "[2, 3]" in msgs[0]
+
+# %% [markdown]
 # ## The dataset
 #
 # `CocoInstances` is a map-style `torch.utils.data.Dataset`. Categories are mapped to contiguous

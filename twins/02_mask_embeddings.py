@@ -31,7 +31,8 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from segbook.io import torch_save_atomic, write_text_atomic
+from segbook.io import torch_save_atomic, write_markdown_table, write_text_atomic
+from segbook.data import iter_coco_masks
 
 import numpy as np
 import torch
@@ -128,74 +129,11 @@ soft = crop_and_resize_masks(m[:1], torch.tensor([[15., 10, 40, 30]]), size=8, t
 assert ((soft > 0) & (soft < 1)).any() and soft.max() == 1   # the mask edge cuts through bins: soft values kept
 assert crop_and_resize_masks(m[:0], torch.zeros(0, 4)).shape == (0, 28, 28)
 
-
 # %% [markdown]
-# ## Reading masks from a COCO file
+# ## Masks from a COCO file
 #
-# As the official `MaskLoader`, the reader needs only the annotation JSON: image sizes come from
-# its `images` table, masks (polygons, RLE or uncompressed RLE) are decoded with pycocotools. Crowd
-# regions are left out. Per image, all instances are decoded into one [k,H,W] stack and cropped in one
-# RoIAlign call; crops are streamed in batches so that memory does not depend on the dataset size.
-# The file is read and checked by `segbook.data.read_coco_instances`, the same function the training data set
-# uses, so an annotation is skipped (zero-area box, polygon of fewer than 3 points; counted, one warning at the end
-# with example ids), kept, or refused with an error naming the file, record and field exactly as there. A crop that
-# comes out empty is skipped and counted too. Without a `bbox`, the crop box is the mask's own.
-
-# %%
-#| export
-def iter_coco_masks(ann_json, # COCO instances JSON (annotations/instances_SPLIT.json)
-                    size:int=28, # mask side s
-                    batch:int=4096, # masks per yielded batch
-                    stats:dict|None=None, # filled with counts: images, instances, crowd, used, skipped_*
-                    progress:bool=True, # show a tqdm bar over images
-                   ):
-    "Yield [b,s,s] uint8 batches of every non-crowd instance mask cropped to its GT box."
-    from tqdm.auto import tqdm
-    from segbook.data import decode_masks, mask_boxes, read_coco_instances
-    path = Path(ann_json)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    coco = read_coco_instances(path)              # the data set's checks and skips, verbatim
-    per_image = defaultdict(list)
-    for ann in coco.annotations:
-        per_image[ann["image_id"]].append(ann)
-    st = stats if stats is not None else {}
-    st.update(images=len(coco.images), instances=len(coco.data["annotations"]), crowd=0, used=0,
-              **{f"skipped_{k}": 0 for k in ("degenerate_polygon", "zero_area_box", "empty_mask")})
-    for why, n in coco.skipped.items():
-        st[f"skipped_{why}"] = n
-    examples = [i for ids in coco.skipped_ids.values() for i in ids]
-    buffer, n_buffered = [], 0
-    for image_id in tqdm(sorted(per_image), desc=f"masks {path.name}", disable=not progress, leave=False):
-        im = coco.images[image_id]
-        anns = [a for a in per_image[image_id] if not a.get("iscrowd", 0)]
-        st["crowd"] += len(per_image[image_id]) - len(anns)
-        if not anns:
-            continue
-        decoded = decode_masks([a["segmentation"] for a in anns], im["height"], im["width"])
-        ids = [a.get("id") for a in anns]
-        boxes = torch.tensor([a["bbox"] for a in anns] if all("bbox" in a for a in anns) else
-                             box_convert(mask_boxes(decoded), "xyxy", "xywh").tolist(), dtype=torch.float32)
-        crops = crop_and_resize_masks(decoded, box_convert(boxes, "xywh", "xyxy"), size).to(torch.uint8)
-        nonempty = crops.flatten(1).bool().any(1)
-        n_empty = int((~nonempty).sum())
-        if n_empty:
-            st["skipped_empty_mask"] += n_empty
-            examples += [i for i, keep in zip(ids, nonempty.tolist()) if not keep]
-            crops = crops[nonempty]
-        st["used"] += len(crops)
-        buffer.append(crops); n_buffered += len(crops)
-        while n_buffered >= batch:
-            allm = torch.cat(buffer)
-            yield allm[:batch]
-            buffer, n_buffered = [allm[batch:]], len(allm) - batch
-    if n_buffered:
-        yield torch.cat(buffer)
-    skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
-    if skipped:
-        reasons = {k[len("skipped_"):]: v for k, v in st.items() if k.startswith("skipped_") and v}
-        warnings.warn(f"{path}: skipped {skipped} of {st['instances']} instances {reasons}; e.g. annotation ids {examples[:5]}")
-
+# The PCA is fitted on GT masks cropped to their boxes at s×s: `segbook.data.iter_coco_masks` (chapter 01) streams
+# them from an annotation file in batches, with its checks and counted skips. On coco-mini:
 
 # %%
 if COCO_MINI.exists():
@@ -213,30 +151,6 @@ if COCO_MINI.exists():
     assert coco_train.flatten(1).any(1).all()          # no empty crops reach the fit
     # a mask fills much of its own tight box: the mean foreground fraction is far from 0 and 1
     assert 0.3 < coco_train.float().mean() < 0.9
-
-# %% [markdown]
-# A file with one zero-area box, one empty mask and one good polygon: the good one is kept, the
-# other two are counted and named in one warning.
-
-# %%
-import tempfile
-def _tiny_coco(path):
-    anns = [dict(id=1, image_id=7, bbox=[2, 2, 10, 10], iscrowd=0, segmentation=[[2, 2, 12, 2, 12, 12, 2, 12]]),
-            dict(id=2, image_id=7, bbox=[5, 5, 0, 4], iscrowd=0, segmentation=[[5, 5, 5, 9, 5, 7]]),
-            dict(id=3, image_id=7, bbox=[20, 20, 5, 5], iscrowd=0, segmentation={"size": [32, 32], "counts": [1024]}),
-            dict(id=4, image_id=7, bbox=[0, 0, 32, 32], iscrowd=1, segmentation={"size": [32, 32], "counts": [0, 1024]})]
-    path.write_text(json.dumps(dict(images=[dict(id=7, file_name="7.png", height=32, width=32)],
-                                    categories=[dict(id=1, name="thing")], annotations=[dict(a, category_id=1) for a in anns])))
-    return path
-
-with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    st = {}
-    got = list(iter_coco_masks(_tiny_coco(Path(d) / "t.json"), size=8, stats=st, progress=False))
-assert len(got) == 1 and got[0].shape == (1, 8, 8) and got[0].all()
-assert st["used"] == 1 and st["skipped_zero_area_box"] == 1 and st["skipped_empty_mask"] == 1 and st["crowd"] == 1
-msgs = [str(c.message) for c in caught if "skipped" in str(c.message)]
-assert len(msgs) == 1 and "skipped 2 of 4" in msgs[0] and "t.json" in msgs[0] and "[2, 3]" in msgs[0]
 
 
 # %% [markdown]
@@ -566,6 +480,7 @@ assert r.grad is not None and r.grad.abs().sum() > 0
 # `PCACodec.load` reads it back with `weights_only=True`.
 
 # %%
+import tempfile
 with tempfile.TemporaryDirectory() as d:
     p = cw.save(Path(d) / "codec.pt")
     back = PCACodec.load(p)
@@ -854,7 +769,6 @@ before, after
 # %%
 assert after > before + 0.3 and after > 0.7      # it learns, and generalises to held-out masks
 
-
 # %% [markdown]
 # ## The table: reconstruction mIoU vs l
 #
@@ -862,20 +776,6 @@ assert after > before + 0.3 and after > 0.7      # it learns, and generalises to
 # val2017; shapes: train → val). PCA is the paper's codec (no mean, no whitening, binary domain); the
 # official variant (mean, whitening, noisy logits) is a row of its own. The table is written by the
 # code below to `figures/tables/embeddings_miou.md`.
-
-# %%
-#| export
-def write_markdown_table(rows:list, # list of dicts with the same keys
-                         path, # output .md file
-                         title:str="", # a line above the table
-                        ) -> Path:
-    "Write `rows` as a Markdown table (temp file + rename)."
-    path = Path(path)
-    keys = list(rows[0])
-    lines = ([title, ""] if title else []) + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    return write_text_atomic("\n".join(lines) + "\n", path)
-
 
 # %%
 AE_SIZES = (20, 60)

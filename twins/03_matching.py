@@ -166,7 +166,10 @@ def uses_codec(pred:dict) -> bool:
 # %% [markdown]
 # ## Box costs (Eq. 5)
 #
-# C_box = λ_L1·C_L1 + λ_iou·C_iou. The L1 term compares boxes as xyxy **divided by their image's
+# $$\mathcal{C}_{box}(\mathbf{b}_i, \tilde{\mathbf{b}}_{\sigma(i)}) = \lambda_{L1}\,\mathcal{C}_{L1}(\mathbf{b}_i, \tilde{\mathbf{b}}_{\sigma(i)})
+# + \lambda_{iou}\,\mathcal{C}_{iou}(\mathbf{b}_i, \tilde{\mathbf{b}}_{\sigma(i)}) \tag{5}$$
+#
+# with C_L1 the L1 distance of the two boxes and C_iou = −GIoU. The L1 term compares boxes as xyxy **divided by their image's
 # width and height** (`ISTR@967c901:istr/loss.py`; DETR uses normalised cxcywh instead), so it is
 # scale-free. The IoU term is the negative generalised IoU. The official code takes it on pixel boxes;
 # dividing x by w and y by h scales every axis-aligned area by the same 1/(wh), so the GIoU of the
@@ -215,12 +218,14 @@ def cost_box(pred_boxes:torch.Tensor, # [...,4] xyxy, divided by the image's (w,
 # %% [markdown]
 # ## Class cost (Eq. 6)
 #
-# Eq. 6 prints C_cls = −λ_cls·p̃(c_i). The official code replaces p̃ by the difference of the two
-# focal-loss branches at the GT class, p = σ(logit):
+# Eq. 6 as printed (left, `kind='prob'`) and the official code's form (right, `kind='focal'`, the
+# default), with p = σ(z) the sigmoid of the query's logit z for the GT class c_i:
 #
-# C_cls = α(1−p)^γ·(−log p) − (1−α)p^γ·(−log(1−p)),
+# $$\mathcal{C}_{cls}(\mathbf{c}_i, \tilde{\mathbf{c}}_{\sigma(i)}) = -\lambda_{cls}\,\tilde{p}_{\sigma(i)}(\mathbf{c}_i) \tag{6}
+# \qquad\text{vs.}\qquad
+# \mathcal{C}^{code}_{cls} = \lambda_{cls}\big(\alpha(1-p)^\gamma(-\log p) - (1-\alpha)\,p^\gamma(-\log(1-p))\big)$$
 #
-# i.e. the change in focal loss when that query's target for class c flips from 0 to 1. Only the
+# The code's form is the change in focal loss when that query's target for class c flips from 0 to 1. Only the
 # logits of GT classes enter, so `cost_class` takes those logits (gathered by the caller: a [P,G]
 # matrix of logit[q, c_g], or any other shape) — the official code evaluates all P×C and gathers
 # afterwards. One `logsigmoid` gives both logarithms: log p = logsigmoid(z) and
@@ -249,7 +254,12 @@ def cost_class(logits:torch.Tensor, # [...] logit of the GT class c for each pai
 # ## Mask costs (Eq. 7 and Table 1b)
 #
 # Eq. 7 is a cosine similarity between the predicted embedding r̃ and the encoded GT g(m), shifted
-# and halved into [0,1] and negated: C_mask = −½(⟨r̃/‖r̃‖, g(m)/‖g(m)‖⟩ + 1). The official code
+# and halved into [0,1] and negated:
+#
+# $$\mathcal{C}_{mask}(\mathbf{m}_i, \tilde{\mathbf{r}}_{\sigma(i)}) = -\frac{1}{2}\lambda_{mask}\left(\langle
+# \frac{\tilde{\mathbf{r}}_{\sigma(i)}}{\|\tilde{\mathbf{r}}_{\sigma(i)}\|_2}, \frac{g(\mathbf{m}_i)}{\|g(\mathbf{m}_i)\|_2}\rangle + 1\right) \tag{7}$$
+#
+# The official code
 # computes exactly this (`ISTR@967c901:istr/loss.py`). It ignores the embeddings' lengths, so it
 # compares mask *shapes* while the L2 loss takes care of magnitudes.
 #
@@ -286,7 +296,12 @@ def cost_mask_dice(pred_masks:torch.Tensor, # [P,s,s] probabilities f(r̃)
 # %% [markdown]
 # ## The total cost, batched (Eq. 4)
 #
-# As in DETR's matcher, all B·Q predictions of the batch are scored against all G GT instances of
+# The matching is the permutation of the k predictions that minimises the summed cost over the n GT instances:
+#
+# $$\sigma^* = \arg\min_{\sigma} \sum_{i=1}^n \Big(\mathcal{C}_{box}(\mathbf{b}_i, \tilde{\mathbf{b}}_{\sigma(i)})
+# + \mathcal{C}_{cls}(\mathbf{c}_i, \tilde{\mathbf{c}}_{\sigma(i)}) + \mathcal{C}_{mask}(\mathbf{m}_i, \tilde{\mathbf{r}}_{\sigma(i)})\Big) \tag{4}$$
+#
+# `matching_cost` builds the summand for every (prediction, GT) pair; `assign` below finds σ*. As in DETR's matcher, all B·Q predictions of the batch are scored against all G GT instances of
 # the batch in one go — one [B·Q, G] matrix per term — and each image later keeps its own
 # [Q, N_b] block. This is the shortest correct matcher; its off-diagonal blocks are wasted work (a
 # factor ≈ B), which the compact layout after the assignment removes.

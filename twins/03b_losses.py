@@ -23,7 +23,20 @@
 # %% [markdown]
 # ## The set loss (Eqs. 8–9)
 #
-# With σ* fixed, Eq. 8 averages the per-GT losses over the n GT instances:
+# With σ* fixed, Eq. 8 averages the per-GT losses over the n GT instances,
+#
+# $$\mathcal{L}_{set}(\mathbf{Y}, \tilde{\mathbf{Y}}, \sigma^*) = \frac{1}{n}\sum_{i=1}^n \Big(\mathcal{L}_{box}(\mathbf{b}_i, \tilde{\mathbf{b}}_{\sigma^*(i)})
+# + \mathcal{L}_{cls}(\mathbf{c}_i, \tilde{\mathbf{c}}_{\sigma^*(i)}) + \mathcal{L}_{mask}(\mathbf{m}_i, \tilde{\mathbf{r}}_{\sigma^*(i)})\Big), \tag{8}$$
+#
+# $$\mathcal{L}_{mask}(\mathbf{m}_i, \tilde{\mathbf{r}}_{\sigma^*(i)}) = \lambda_{mask}\Big(\mathcal{L}_{L2}\big(g(\mathbf{m}_i), \tilde{\mathbf{r}}_{\sigma^*(i)}\big)
+# + \mathcal{L}_{dice}\big(\mathbf{m}_i, f(\tilde{\mathbf{r}}_{\sigma^*(i)})\big)\Big), \tag{9}$$
+#
+# and the code's forms of the two mask terms, for an l-dimensional embedding and s×s decoded probabilities p against the GT crop t:
+#
+# $$\mathcal{L}_{L2} = \frac{1}{l}\,\|g(\mathbf{m}) - \tilde{\mathbf{r}}\|_2^2, \qquad
+# \mathcal{L}_{dice} = 1 - \frac{2\sum p\,t}{\sum p^2 + \sum t^2 + 10^{-5}}.$$
+#
+# Term by term:
 #
 # - **L_cls**: sigmoid focal loss (α=0.25, γ=2; `torchvision.ops.sigmoid_focal_loss`) summed over
 #   **all** Q×C logits — unmatched queries learn "no object" from all-zero targets — then /n.

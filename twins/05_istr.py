@@ -464,8 +464,12 @@ def multilevel_roi_align(levels:list, # P2..P5, [B, d, H_l, W_l] with strides 4,
 # ## Box update: deltas on the query box
 #
 # The box head predicts "the residual values of normalised centre coordinates, height, and width"
-# (§3.3): the R-CNN parameterisation $\hat x = x + w\,\Delta x/2$, $\hat w = w\,e^{\Delta w}$, … with
-# weights (2, 2, 1, 1) and a clamp on $\Delta w,\Delta h$. torchvision has the same decoder in
+# (§3.3): the R-CNN parameterisation, for a box with centre (x, y) and size (w, h),
+#
+# $$\hat x = x + w\,\frac{\Delta x}{2},\quad \hat y = y + h\,\frac{\Delta y}{2},\quad
+# \hat w = w\,e^{\Delta w},\quad \hat h = h\,e^{\Delta h},$$
+#
+# where the 2s are the code's weights (2, 2, 1, 1) and Δw, Δh are clamped at log(10⁵/16) (`scale_clamp`). torchvision has the same decoder in
 # `BoxCoder.decode_single`, but in a private module (`models.detection._utils`) and it builds two scalar
 # tensors on the device per call (a host-to-device copy per stage); the five lines below are sync-free,
 # and a test pins them to the formula and to torchvision's result.
@@ -537,6 +541,21 @@ class ISTRStage(nn.Module):
 
 # %% [markdown]
 # ## The model: N-stage recurrent refinement (Alg. 1)
+#
+# **Algorithm 1** (ISTR), with the function of this book that carries each line:
+#
+# | | training | here |
+# |---|---|---|
+# | 1 | learn the mask encoder g and decoder f by Eq. 2 | `segbook.embeddings.PCACodec` (chapter 02) |
+# | 2 | initialise the learnable query boxes $\tilde{\mathbf{B}}^0$ | `ISTR.query_boxes` (an `nn.Embedding`), `ISTR.initial_queries` |
+# | 3–4 | repeat; for stage $i = 1, \dots, N$: | `ISTR.forward` |
+# | 5 | RoI features by RoIAlign with $\tilde{\mathbf{B}}^{i-1}$ | `multilevel_roi_align` |
+# | 6 | predict with the ISTR encoder and heads | `ISTRStage` (Eqs. 10–11) |
+# | 7 | match predictions with labels by Eq. 4 | `segbook.matching.hungarian_match` |
+# | 8 | loss by Eq. 8 | `segbook.losses.SetCriterion` |
+# | 9 | $\tilde{\mathbf{B}}^{i} \leftarrow$ update of $\tilde{\mathbf{B}}^{i-1}$ by the predicted boxes | `apply_box_deltas` |
+#
+# At inference lines 7–8 drop out and the last stage's set of predictions is the output (`postprocess`).
 #
 # `ISTR.forward(images, image_sizes)` returns `{'stages': [pred_1, …, pred_N]}`: every stage's
 # predictions, so the losses can supervise all of them (deep supervision, each stage with its own

@@ -137,8 +137,13 @@ class TransfinerConfig:
 # %% [markdown]
 # ## RoI feature pyramid (§3.3)
 #
-# The grids 28, 56, 112 read FPN levels P_i, P_{i−1}, P_{i−2}, with i from the FPN rule
-# i = ⌊4 + log₂(√(WH)/224)⌋ (`segbook.quadtree.roi_pyramid_levels`). The incoherence detector needs dense RoI
+# The grids 28, 56, 112 read FPN levels P_i, P_{i−1}, P_{i−2}, with i from the FPN rule for an RoI of width W and
+# height H (`segbook.quadtree.roi_pyramid_levels`):
+#
+# $$i = \Big\lfloor i_0 + \log_2\big(\sqrt{WH}/224\big)\Big\rfloor,\quad i_0 = 4,\qquad
+# (28^2, 56^2, 112^2) \leftarrow (P_i, P_{i-1}, P_{i-2}).$$
+#
+# The incoherence detector needs dense RoI
 # features on every grid; torchvision's `roi_align` pools one level at a time, so each RoI is pooled from every level and
 # the right one is kept with `torch.where` (no host sync; four times the pooling, cheap next to a backward pass).
 # The detector reads these features detached, as the code does: the dense 112² RoIAlign backward was 4.6 s of an
@@ -240,7 +245,15 @@ def incoherence_metrics(pred:torch.Tensor, # [...] bool predicted incoherent cel
 # (eight more gathered points), the coarse mask probability at the node (bilinearly resized to the node's grid), and a
 # DETR sine encoding of the node's RoI-relative position ((y+½)/s, (x+½)/s)·2π — the same place of an RoI encodes the
 # same on every grid. The code adds the position to queries and keys in every layer; here it is added once to the token,
-# which lets the layers be torch's own `nn.TransformerEncoderLayer`.
+# which lets the layers be torch's own `nn.TransformerEncoderLayer`. For a node n on a grid of side s at cell (y, x),
+# with fine feature f_n, its eight neighbours' features f_{n+δ} and coarse probability c_n, the paper (`fusion='concat'`,
+# one linear layer on the concatenation, as in the code) and the default here (`'sum'`, one projection per cue) are
+#
+# $$\mathbf{t}_n^{paper} = W\,[\,\mathbf{f}_n \,\|\, \mathbf{f}_{n+\delta_1} \cdots \mathbf{f}_{n+\delta_8} \,\|\, c_n\,] + \mathrm{PE}(y, x; s),
+# \qquad
+# \mathbf{t}_n = W_f\,\mathrm{LN}\big([\,\mathbf{f}_n \,\|\, \mathbf{f}_{n+\delta_{1..8}}\,]\big) + \mathbf{w}_c\,c_n + \mathrm{PE}(y, x; s),$$
+#
+# $$\mathrm{PE}(y, x; s) = \mathrm{sine}\Big(2\pi\,\tfrac{y + 1/2}{s}\Big) \,\|\, \mathrm{sine}\Big(2\pi\,\tfrac{x + 1/2}{s}\Big).$$
 
 # %%
 #| export
@@ -319,7 +332,11 @@ class NodeEncoder(nn.Module):
 #
 # All nodes of one RoI, across the three levels, form one sequence; padding tokens are masked out of attention
 # (`nn.TransformerEncoder`, post-norm as in DETR; 3 layers, 4 heads, d = 256 in the paper — smaller in the CPU config).
-# The pixel decoder is a two-layer MLP per token giving a mask logit.
+# The pixel decoder is a two-layer MLP per token giving a mask logit. For the K tokens T of one RoI, each layer is
+# post-norm self-attention and an FFN, and the decoder reads every output token:
+#
+# $$T' = \mathrm{LN}\big(T + \mathrm{MHA}(T, T, T)\big),\quad T'' = \mathrm{LN}\big(T' + \mathrm{FFN}(T')\big)\ (\times 3),\qquad
+# \hat y_n = \sigma\big(\mathbf{w}_2^\top \mathrm{ReLU}(W_1 \mathbf{t}''_n)\big).$$
 
 # %%
 #| export
@@ -348,7 +365,14 @@ class RefinementTransformer(nn.Module):
 # and L_Refine on the node labels (BCE on logits; the code's L1 on probabilities is `refine_loss: l1`).
 # Inference: the detector's maps ≥ 0.5 build the quadtree, `select_nodes` collects the nodes (capped as above), the
 # transformer refines them and `propagate` writes them coarse → fine (nearest, the code's bilinear as a switch).
-# The total loss is λ-weighted: Detect = Coarse = Refine = 1, Inc = 0.5 (method-details §11).
+# The total loss is λ-weighted (§3.3; our copy of the paper prints the weights {1.0, 1.0, 1.0, 0.5} but not the equation,
+# so the order below is the code's, where the 0.5 sits on the incoherence loss, method-details §11):
+#
+# $$\mathcal{L} = \lambda_1 \mathcal{L}_{Detect} + \lambda_2 \mathcal{L}_{Coarse} + \lambda_3 \mathcal{L}_{Refine} + \lambda_4 \mathcal{L}_{Inc},
+# \qquad \lambda_{1,2,3,4} = 1.0,\ 1.0,\ 1.0,\ 0.5,$$
+#
+# with L_Refine the BCE of the node logits against the GT label at each node (the code: L1 on probabilities) and L_Inc
+# the detector's loss against the Eq. 1 targets on every level.
 
 # %%
 #| export

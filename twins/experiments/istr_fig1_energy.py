@@ -33,8 +33,9 @@ dims = [10, 20, 40, 60]
 import torch
 import matplotlib.pyplot as plt
 
-from segbook.embeddings import (OFFICIAL_PCA_NAME, DCTCodec, MaskMoments, PCACodec, find_official_pca, iter_coco_masks,
+from segbook.embeddings import (OFFICIAL_PCA_NAME, DCTCodec, MaskMoments, PCACodec, find_official_pca,
                                 reconstruction_miou)
+from segbook.data import iter_coco_masks
 from segbook.reproduce import experiment_context, write_json_atomic, write_table
 from segbook.viz import save_figure
 

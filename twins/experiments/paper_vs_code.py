@@ -13,13 +13,19 @@
 # ---
 
 # %% [markdown]
-# # Paper vs official code: every difference, the switch that selects it, and where the book measures it
+# # Appendix: paper vs official code — every difference, the switch that selects it, and where the book measures it
 #
 # > One row per item of the "what differs" lists of `shared/method-details.md` (ISTR at commit 967c901, Mask
 # > Transfiner at HEAD 5b61fb5): the paper's choice, the code's choice, the segbook config field that selects
 # > either, and the chapter or experiment that measures its effect. The cells below check every named field
 # > against the code (it exists, its default is the one stated, and both values are accepted), so the table
 # > cannot drift from segbook.
+#
+# Both papers leave details to their code, and the code does not always do what the paper says. The book's rule:
+# where the two differ, a config switch selects either side, the chapter that implements the idea shows both forms,
+# and an experiment measures the difference where it can. This appendix is the list. Each switch links to the
+# chapter that defines it; the default column says which side segbook takes when nothing is set (the paper's, the
+# code's, or neither, as checked against the code below).
 #
 # A row whose difference segbook cannot switch says **no switch**, and what segbook does instead. "Measured in"
 # names only notebooks that exist and that compare the two settings; everything else is **not measured yet**.
@@ -142,8 +148,9 @@ ROWS = [
         (Switch(TransfinerConfig, "train_nodes", "gt", "pred", "gt"),)),
     Row(T, "5", "3×3 neighbourhood context cue (Table 4)", "yes", "absent",
         (Switch(TransfinerConfig, "node_context", True, False, True),)),
-    Row(T, "5", "coarse-mask cue of a node", "\"coarse segmentation feature\"", "one probability, concatenated, then a 1×1 conv (linear)",
-        follows="as the code (concatenated probability, one linear layer)"),
+    Row(T, "5", "coarse-mask cue of a node", "\"coarse segmentation feature\" (how it is fused: not in our text)",
+        "one probability, concatenated with the features, then one linear layer (a 1×1 conv)",
+        (Switch(TransfinerConfig, "node_fusion", NOT_STATED, "concat", "sum"),)),
     Row(T, "5", "positional encoding", "a cue of the node (how it enters: not in our text)", "2-D sine within the RoI, added to Q and K in every layer",
         follows="neither: the sine code is added once to the token (`NodeEncoder`)"),
     Row(T, "6", "propagation to finer levels", "nearest-neighbour duplication", "bilinear (align_corners=True), then overwrite nodes",
@@ -221,7 +228,10 @@ len(checked)
 
 
 # %% [markdown]
-# ## The table
+# ## Writing the table
+#
+# Each switch cell names the field, how a reader sets it, both sides' values and which one the default selects; the
+# rendered copy below links every switch to the chapter that defines it.
 
 # %%
 def fmt(v, missing:str="not stated") -> str:
@@ -237,30 +247,53 @@ def set_with(s:Switch) -> str:
     how = next((v for k, v in SET_WITH.items() if k == s.owner), "Python argument `{}`")
     return how.format(s.field)
 
-def switch_text(r:Row) -> str:
+CHAPTER_OF = {ISTRConfig: "05_istr", TransfinerConfig: "08_transfiner", MatchingConfig: "03_matching",
+              SetLossConfig: "03b_losses", pca_fit_command: "02_mask_embeddings", PCACodec.from_moments: "02_mask_embeddings",
+              MaskMoments: "02_mask_embeddings", DataConfig: "10_config", SolverConfig: "10_config",
+              boundary_dilation: "09_evaluation"}
+
+def switch_name(s:Switch, link:bool) -> str:
+    name = f"`{owner_name(s.owner)}.{s.field}`"
+    chapter = next((v for k, v in CHAPTER_OF.items() if k == s.owner), None)
+    return f"[{name}](../{chapter}.ipynb)" if link and chapter else name
+
+def switch_text(r:Row, link:bool=False) -> str:
     if not r.switches: return f"**no switch**; segbook: {r.follows}"
-    return "<br>".join(f"`{owner_name(s.owner)}.{s.field}` ({set_with(s)}): paper {fmt(s.paper)}, code {fmt(s.code, 'n/a')}; "
+    return "<br>".join(f"{switch_name(s, link)} ({set_with(s)}): paper {fmt(s.paper)}, code {fmt(s.code, 'n/a')}; "
                        f"default {fmt(s.default)} (= {checked[(r.model, r.item, r.what, owner_name(s.owner), s.field)]})" for s in r.switches)
 
-def measured_text(r:Row) -> str:
+def measured_text(r:Row, link:bool=False) -> str:
     if not r.measured: return "not measured yet"
-    return "<br>".join(f"{nb.removesuffix('.ipynb')}: {what}" for nb, what in r.measured)
+    name = lambda nb: f"[{nb.removesuffix('.ipynb')}](../{nb})" if link and "/" not in nb else nb.removesuffix('.ipynb')
+    return "<br>".join(f"{name(nb)}: {what}" for nb, what in r.measured)
 
-lines = ["Where the official code differs from the paper (method-details.md, 'what differs' lists; ISTR@967c901, "
-         "Transfiner@5b61fb5), the segbook switch that selects each side, and where the book measures the effect. "
-         "Every switch was checked against segbook when this table was written (field exists, default as stated, "
-         "both values accepted).", "",
-         "| model | # | what | paper | official code | segbook switch | measured in |", "|---|---|---|---|---|---|---|"]
-for r in ROWS:
-    lines.append(f"| {r.model} | {r.item} | {r.what} | {r.paper} | {r.code} | {switch_text(r)} | {measured_text(r)} |")
-n_sw = sum(bool(r.switches) for r in ROWS)
-n_meas = sum(bool(r.measured) for r in ROWS)
-lines += ["", f"{len(ROWS)} differences: {n_sw} with a switch, {len(ROWS) - n_sw} without; {n_meas} have a measurement "
-          f"in the book, {len(ROWS) - n_meas} are not measured yet. The 02_mask_embeddings table measures the three PCA "
-          "switches together (reconstruction mIoU), not one at a time. `segbook train` always fits the paper's codec "
-          "(`pipeline.ensure_codec`); the code's codec is reached with `segbook pca-fit --mean --whiten --logit` and "
-          "`model.codec_path`."]
-write_table(ctx.tables / "paper_vs_code.md", lines)
+def table_lines(link:bool=False) -> list:
+    lines = ["Where the official code differs from the paper (method-details.md, 'what differs' lists; ISTR@967c901, "
+             "Transfiner@5b61fb5), the segbook switch that selects each side, and where the book measures the effect. "
+             "Every switch was checked against segbook when this table was written (field exists, default as stated, "
+             "both values accepted).", "",
+             "| model | # | what | paper | official code | segbook switch | measured in |", "|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        lines.append(f"| {r.model} | {r.item} | {r.what} | {r.paper} | {r.code} | {switch_text(r, link)} | {measured_text(r, link)} |")
+    n_sw = sum(bool(r.switches) for r in ROWS)
+    n_meas = sum(bool(r.measured) for r in ROWS)
+    lines += ["", f"{len(ROWS)} differences: {n_sw} with a switch, {len(ROWS) - n_sw} without; {n_meas} have a measurement "
+              f"in the book, {len(ROWS) - n_meas} are not measured yet. The 02_mask_embeddings table measures the three PCA "
+              "switches together (reconstruction mIoU), not one at a time. `segbook train` always fits the paper's codec "
+              "(`pipeline.ensure_codec`); the code's codec is reached with `segbook pca-fit --mean --whiten --logit` and "
+              "`model.codec_path`."]
+    return lines
+
+
+# %% [markdown]
+# ## The table
+
+# %%
+from IPython.display import Markdown, display
+lines = table_lines()
+write_table(ctx.tables / "paper_vs_code.md", lines, echo=False)
+n_sw, n_meas = sum(bool(r.switches) for r in ROWS), sum(bool(r.measured) for r in ROWS)
+display(Markdown("\n".join(table_lines(link=True))))
 records = [dict(model=r.model, item=r.item, what=r.what, paper=r.paper, code=r.code,
                 switches=[dict(owner=owner_name(s.owner), field=s.field, paper=s.paper, code=s.code, default=s.default,
                                default_selects=checked[(r.model, r.item, r.what, owner_name(s.owner), s.field)]) for s in r.switches],
