@@ -4,6 +4,8 @@ nbdev's own `nbdev-readme` renders through Quarto, a separate binary these machi
 a README needs only the markdown cells and the visible code cells, which nbformat gives directly.
 Cells marked `#| hide` are left out. `--check` fails if README.md is stale.
 """
+import posixpath
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def render(nb_path="nbs/00_index.ipynb"):
         if not src or src.startswith("#| hide"):
             continue
         if c.cell_type == "markdown":
-            parts.append(src)
+            parts.append(re.sub(r"\]\((?!https?:|mailto:|#)([^)\s]+)\)",   # links relative to nbs/ -> relative to the root
+                                lambda m: f"]({posixpath.normpath(posixpath.join('nbs', m[1]))})", src))
         elif c.cell_type == "code":
             lines = [l for l in src.splitlines() if not l.startswith("#|")]
             parts.append("```python\n" + "\n".join(lines).strip() + "\n```")

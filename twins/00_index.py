@@ -27,8 +27,10 @@
 # - **Mask Transfiner** (Ke et al., CVPR 2022): find the incoherent regions of a coarse mask, organise
 #   them in a point quadtree, and refine only those sparse nodes with a transformer.
 #
-# Where the official code differs from the paper, the paper is the default and the code's choice is
-# a config switch the book ablates (`../shared/method-details.md` lists each difference).
+# Where the official code differs from the paper, a config switch selects either side. The default is the paper's
+# where the paper says, and the code's or neither where the book states why; the appendix
+# [Paper vs official code](experiments/paper_vs_code.ipynb) lists all 38 differences, each with its switch, the side
+# its default takes, and where the book measures it.
 #
 # The papers: ISTR, [arXiv 2105.00637](https://arxiv.org/abs/2105.00637), official code
 # [hujiecpp/ISTR](https://github.com/hujiecpp/ISTR) at commit 967c901 (the arXiv version: PCA, l = 60, 28×28); Mask
@@ -136,6 +138,9 @@ if _ledger is not None:
 # (`--allow-root` only matters where you are root, as on segbook's machines.) Every chapter runs top to bottom on a
 # CPU in about a minute. Chapters that use real COCO masks look for `coco-mini` beside the repository
 # (`../shared/coco-mini`, or `$SEGBOOK_COCO_MINI`) and skip those cells when it is absent. Figures land in `figures/`.
+# Without that copy, rebuild coco-mini from a COCO 2017 download (images plus the panoptic annotations):
+# `python tools/make_coco_mini.py --coco COCO_ROOT --out data/coco-mini`, with the image ids in `tools/coco_mini_ids.json`,
+# then point `$SEGBOOK_COCO_MINI` at it.
 #
 # ## Reading the book as a site
 #
