@@ -701,3 +701,9 @@ if COCO_MINI.exists():
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     save_figure(fig, "matching_costs.png");
+
+# %% [markdown]
+# What to see: one row per query and one column per GT; the red circles mark σ*, computed from the total, and in every
+# column they fall on one of its darkest (lowest) cells. The class term alone cannot separate two GT of the same class —
+# it depends only on the query's logit for that class, so their columns are identical — which is why Eq. 4 adds the box
+# and mask terms.

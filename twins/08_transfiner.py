@@ -852,13 +852,29 @@ assert len(node_masks) == 3 and all(m.shape[-1] == s for m, s in zip(node_masks,
 
 # %%
 import matplotlib.pyplot as plt
-fig, ax = plt.subplots(1, 5, figsize=(15, 3.2))
-panels = [(blocky[0], "coarse mask 28²")] + [(m[0].float(), f"detected nodes {s}²") for m, s in zip(node_masks, cfg.sizes)] \
-         + [(refined[0], "refined mask 112²")]
+from matplotlib.patches import Patch
+fig, ax = plt.subplots(1, 5, figsize=(15, 3.4))
+def nodes_over_coarse(nodes, s):   # the coarse mask at the grid's side, in grey, with the grid's nodes in yellow
+    grey = F.interpolate(blocky[:1, None], size=(s, s), mode="nearest")[0, 0].clamp(0, 1) * 0.6 + 0.2
+    rgb = grey[..., None].repeat(1, 1, 3)
+    rgb[nodes] = torch.tensor([1.0, 0.85, 0.0])
+    return rgb
+panels = [(blocky[0], "coarse mask 28²")] + [(nodes_over_coarse(m[0], s), f"{int(m[0].sum())} nodes on {s}²")
+                                            for m, s in zip(node_masks, cfg.sizes)] + [(refined[0], "refined mask 112²")]
 for a, (img, title) in zip(ax, panels):
-    a.imshow(img, cmap="gray", vmin=0, vmax=1); a.set_title(title); a.axis("off")
+    im = a.imshow(img, cmap="gray", vmin=0, vmax=1); a.set_title(title, fontsize=10); a.axis("off")
+fig.colorbar(im, ax=ax[4], fraction=0.046, pad=0.03, label="mask probability")
+fig.legend(handles=[Patch(color=(1.0, 0.85, 0.0), label="quadtree node (refined)"),
+                    Patch(color=(0.8, 0.8, 0.8), label="coarse foreground"), Patch(color=(0.2, 0.2, 0.2), label="coarse background")],
+           loc="lower center", ncol=3, fontsize=9, frameon=False)
 fig.suptitle("Mask Transfiner on a toy disc: coarse → incoherent quadtree nodes → refined")
+fig.subplots_adjust(bottom=0.12)
 save_figure(fig, "transfiner_refinement.png")
+
+# %% [markdown]
+# What to see: the nodes (yellow) lie along the coarse mask's staircase boundary and nowhere inside or outside it, and
+# they thin out level by level because a cell can only be a node under a parent node. The refined 112² mask changes only
+# those cells; everywhere else it is the coarse mask propagated down, so the blocky interior stays as it was.
 
 # %% [markdown]
 # ### Transfiner on ISTR, tiny
