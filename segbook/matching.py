@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['MatchingConfig', 'prepare_targets', 'pred_mask_embed', 'pred_mask_probs', 'uses_codec', 'normalize_boxes', 'cost_box',
            'cost_class', 'cost_mask_cosine', 'cost_mask_l1', 'cost_mask_dice', 'matching_cost', 'assign', 'cost_blocks',
-           'matching_cost_compact', 'assign_rows', 'hungarian_match']
+           'weighted_cost', 'fused_weighted_cost', 'matching_cost_compact', 'assign_rows', 'hungarian_match']
 
 # %% ../nbs/03_matching.ipynb #7bb6b471
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ class MatchingConfig:
     focal_gamma: float = 2.0 # γ of the focal-style class cost
     mask_size: int = 28 # s: GT masks are cropped to their box at s×s
     cost_layout: str = "auto" # 'batched' (one [B·Q,G] matrix, DETR) | 'compact' (one [G,Q] row per GT, own image only) | 'auto' = 'compact'
+    cost_kernel: str = "auto" # compact layout's weighted sum: 'eager' | 'compiled' (torch.compile, one fused loop) | 'auto' (compiled on CPU for ≥ 64k pairs)
 
     def __post_init__(self):
         if self.class_cost not in ("focal", "prob"):
@@ -39,6 +41,8 @@ class MatchingConfig:
             raise ValueError(f"MatchingConfig.mask_cost must be 'none', 'dice', 'l1' or 'cosine', got {self.mask_cost!r}")
         if self.cost_layout not in ("auto", "batched", "compact"):
             raise ValueError(f"MatchingConfig.cost_layout must be 'auto', 'batched' or 'compact', got {self.cost_layout!r}")
+        if self.cost_kernel not in ("auto", "eager", "compiled"):
+            raise ValueError(f"MatchingConfig.cost_kernel must be 'auto', 'eager' or 'compiled', got {self.cost_kernel!r}")
 
 # %% ../nbs/03_matching.ipynb #dcd5edb9
 def prepare_targets(targets:list, # per-image dicts with `boxes`, `labels` and `masks` [N,h,w] or `masks_crop` [N,s,s]
@@ -220,6 +224,36 @@ def _gt_index(counts:list, # [B] python ints N_b
     as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
     return as_t(image), as_t(image * n_max + within), n_max
 
+def weighted_cost(class_logits:torch.Tensor, # [G,Q] logit of each GT's class for each query of its image
+                  pred_boxes:torch.Tensor, # [G,Q,4] normalised query boxes (see `cost_box`)
+                  gt_boxes:torch.Tensor, # [G,1,4] normalised GT boxes
+                  mask_cost:torch.Tensor|None, # [G,Q] unweighted C_mask, or None
+                  cfg:MatchingConfig, # weights and the class-cost switch
+                 ) -> torch.Tensor: # [G,Q] the total of Eq. 4
+    "Eq. 4's weighted sum of the class, box and mask terms in one expression (what `compiled_weighted_cost` fuses)."
+    total = cost_class(class_logits, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma) * cfg.weight_class
+    l1, giou = cost_box(pred_boxes, gt_boxes)
+    total = total + l1 * cfg.weight_l1 + giou * cfg.weight_giou
+    return total if mask_cost is None else total + mask_cost * cfg.weight_mask
+
+_COMPILED = {}   # device type -> `weighted_cost` through torch.compile, or None once compiling failed there
+
+def fused_weighted_cost(*args, device:torch.device) -> torch.Tensor|None: # `weighted_cost(*args)`, or None
+    "`weighted_cost` compiled by `torch.compile` (dynamic shapes: one compile per process and config) into one loop."
+    if device.type not in _COMPILED:
+        _COMPILED[device.type] = torch.compile(weighted_cost, dynamic=True, fullgraph=True)
+    fn = _COMPILED[device.type]
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception as e:   # no C++ compiler, or an unsupported platform: the eager sum gives the same numbers
+        import warnings
+        warnings.warn(f"segbook.matching: torch.compile failed ({type(e).__name__}: {str(e)[:160]}); "
+                      "using the eager matching cost from now on")
+        _COMPILED[device.type] = None
+        return None
+
 def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q,4], `mask_embed` [B,Q,l] or `mask_logits` [B,Q,s,s]
                           targets:list, # as for `matching_cost`
                           cfg:MatchingConfig, # weights and switches
@@ -234,8 +268,11 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
     sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)           # [B,2]
     # query boxes normalised by their image's size, coordinates outermost, gathered for each GT's image: four [G,Q] planes
     boxes = normalize_boxes(pred["boxes"], sizes[:, None]).transpose(1, 2).contiguous().index_select(0, image).transpose(1, 2)
-    terms = {"class": cost_class(pred["logits"].transpose(1, 2)[image, labels], cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma)}
-    terms["l1"], terms["giou"] = cost_box(boxes, normalize_boxes(gt_boxes, sizes[image])[:, None])
+    class_logits, gt_n = pred["logits"].transpose(1, 2)[image, labels], normalize_boxes(gt_boxes, sizes[image])[:, None]
+    kernel = cfg.cost_kernel
+    if kernel == "auto":
+        kernel = "compiled" if dev.type == "cpu" and len(labels) * Q >= 65536 and cfg.mask_cost != "dice" else "eager"
+    terms = {}
     if cfg.mask_cost in ("cosine", "l1"):
         r = pred_mask_embed(pred)                                                        # [B,Q,l]
         g = torch.cat([t["mask_embed"] for t in targets]).to(dev, r.dtype)               # [G,l]
@@ -249,11 +286,18 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
         m, gt = pred_mask_probs(pred, codec), torch.cat([t["masks_crop"] for t in targets]).to(dev)
         starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
         terms["mask"] = torch.cat([cost_mask_dice(m[b], gt[starts[b]:starts[b + 1]]).T for b in range(B)])
+    if kernel == "compiled":   # one fused loop; the unweighted terms are not kept (`hungarian_match` recomputes them on error)
+        total = fused_weighted_cost(class_logits, boxes, gt_n, terms.get("mask"), cfg, device=dev)
+        if total is not None:
+            return total, {}
+    terms["class"] = cost_class(class_logits, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma)
+    terms["l1"], terms["giou"] = cost_box(boxes, gt_n)
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
     total = terms["class"] * weights["class"]
-    for k in list(terms)[1:]:
-        total.add_(terms[k], alpha=weights[k])
-    return total, terms
+    for k in ("l1", "giou", "mask"):
+        if k in terms:
+            total.add_(terms[k], alpha=weights[k])
+    return total, {k: terms[k] for k in ("class", "l1", "giou", "mask") if k in terms}
 
 def assign_rows(cost:np.ndarray, # [N,Q] one image's cost matrix, one row per GT (a compact-layout block)
                ) -> tuple: # (pred_idx [N] int64, gt_idx [N] int64), sorted by pred_idx
@@ -294,6 +338,8 @@ def hungarian_match(pred:dict, # one stage's predictions (see `matching_cost`)
         total, terms = matching_cost_compact(pred, targets, cfg, codec)
         whole = total.detach().cpu().numpy()                                       # the one device→host copy (scipy solves in float64)
         blocks, solve = [whole[starts[b]:starts[b + 1]] for b in range(B)], assign_rows
+        if not terms and not np.isfinite(whole).all():                              # the fused kernel kept no terms: name them now
+            terms = matching_cost_compact(pred, targets, dataclasses.replace(cfg, cost_kernel="eager"), codec)[1]
         terms_of = lambda b: {k: v[starts[b]:starts[b + 1]] for k, v in terms.items()}
     if cfg.cost_layout == "batched" or not np.isfinite(whole).all():           # compact: one check of the whole [G,Q]
         for b, c in enumerate(blocks):
