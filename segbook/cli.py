@@ -16,7 +16,7 @@ from pathlib import Path
 # %% ../nbs/11_cli.ipynb #3cad0aba
 def _cmd_data_synth(a):
     from segbook.shapes import write_shapes_dataset
-    info = write_shapes_dataset(a.out, n_train=a.n_train, n_val=a.n_val, size=a.size, seed=a.seed)
+    info = write_shapes_dataset(a.out, n_train=a.n_train, n_val=a.n_val, size=a.size, seed=a.seed, preset=a.preset)
     print(json.dumps(info))
 
 def _cmd_data_browse(a):
@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (gets annotations/ train/ val/)")
     s.add_argument("--n-train", type=nonneg_int, default=2000, help="training images")
     s.add_argument("--n-val", type=nonneg_int, default=200, help="validation images")
-    s.add_argument("--size", type=positive_int, default=128, help="image side in pixels (128 for CPU, 512 for GPU runs)")
+    s.add_argument("--size", type=positive_int, help="image side in pixels (default: the preset's, 128 or 320)")
     s.add_argument("--seed", type=int, default=0, help="generator seed: same seed, same files")
+    s.add_argument("--preset", choices=["default", "large"], default="default",
+                   help="'large': 320² images, 1-4 mostly COCO-large objects with fine boundary detail (see chapter 01b)")
     s.set_defaults(func=_cmd_data_synth)
     b = dsub.add_parser("browse", help="render ground-truth overlays of a COCO-format split to PNG")
     b.add_argument("--data", required=True, help="dataset root with annotations/instances_SPLIT.json and SPLIT/")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .data import find_coco_mini
 
 # %% ../nbs/12_reproduce.ipynb #9007a75d
-EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency",
+EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_headroom", "transfiner_table7_efficiency",
                "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables"]
 
 _SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
@@ -43,6 +43,7 @@ PROFILES = {
         "_shapes": dict(n_train=64, n_val=16, size=128),
         "istr_fig1_energy": dict(max_masks=4000, dims=[10, 20, 40, 60]),
         "transfiner_table1": dict(splits=["val2017"]),
+        "transfiner_headroom": dict(n_large=8, n_default=8),
         "transfiner_table7_efficiency": dict(rois=[10, 50], repeats=1, max_tokens=30000),
         "istr_ablations": dict(_SMOKE_TRAIN, variants="all"),
         "istr_stages": dict(_SMOKE_TRAIN),
@@ -54,6 +55,7 @@ PROFILES = {
         "_shapes": dict(n_train=2000, n_val=200, size=128),
         "istr_fig1_energy": dict(max_masks=20000, dims=[10, 20, 40, 60, 80, 100]),
         "transfiner_table1": dict(splits=["val2017", "train2017"]),
+        "transfiner_headroom": dict(n_large=200, n_default=200),
         "transfiner_table7_efficiency": dict(rois=[10, 50, 100], repeats=3, max_tokens=100000),
         # Table 1 and Fig. 3 share one recipe: the paper's head on the frozen pretrained backbone. Table 1 trains it
         # 3000 iterations x 4 (6 epochs), ~11 min a run on one core; all 13 rows x 2 seeds would take ~4.8 h of one core,
@@ -74,6 +76,7 @@ PROFILES = {
         "_shapes": dict(n_train=2000, n_val=200, size=128),
         "istr_fig1_energy": dict(max_masks=200000, dims=[10, 20, 40, 60, 80, 100]),
         "transfiner_table1": dict(splits=["val2017", "train2017"]),
+        "transfiner_headroom": dict(n_large=500, n_default=500),
         "transfiner_table7_efficiency": dict(rois=[10, 50, 100, 300], repeats=10),
         "istr_ablations": dict(iters=3000, batch_size=16, eval_images=200, variants="all", seeds=[0, 1]),
         "istr_stages": dict(iters=3000, batch_size=16, eval_images=200, seeds=[0, 1]),
@@ -85,7 +88,7 @@ PROFILES = {
 # `--only` chunks for the gpu profile, each meant to end within a 10-minute device command. The sizes are estimates
 # no GPU has run yet (cpu s/iteration scaled down); a chunk that is cut off can be run again with the same `--out`:
 # istr_ablations reuses every variant folder that finished (`train_istr_variant` resumes), so it goes on from there.
-GPU_CHUNKS = [["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_table7_efficiency"],
+GPU_CHUNKS = [["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_headroom", "transfiner_table7_efficiency"],
               ["istr_ablations"], ["istr_stages"], ["compare_maskrcnn"], ["transfiner_tables"]]
 
 # %% ../nbs/12_reproduce.ipynb #930ce5da
@@ -163,17 +166,18 @@ def fresh_figures_dir(path, # OUT/figures
     (path / _MADE_BY).write_text("this folder is emptied at the start of every `segbook reproduce --out` into its parent\n")
     return path
 
-def shapes_mismatch(root, seed:int, n_train:int, n_val:int, size:int) -> str|None:
-    "Why the shapes set at `root` is not the one asked for (missing, other seed/size/count), or None when it is."
+def shapes_mismatch(root, seed:int, n_train:int, n_val:int, size:int,
+                    preset:str="default") -> str|None: # segbook.shapes.PRESETS key (the default's JSON has no info.preset)
+    "Why the shapes set at `root` is not the one asked for (missing, other seed/size/count/preset), or None when it is."
     for split, n in (("train", n_train), ("val", n_val)):
         ann = Path(root) / "annotations" / f"instances_{split}.json"
         if not ann.exists(): return f"no {ann.name}"
         try: d = json.loads(ann.read_text())
         except (OSError, json.JSONDecodeError) as e: return f"{ann.name} unreadable ({type(e).__name__})"
         info = d.get("info") or {}
-        have = (info.get("seed"), info.get("size"), len(d.get("images", [])))
-        if have != (seed, size, n):
-            return f"{ann.name} was made with seed/size/images {have}, this profile needs {(seed, size, n)}"
+        have = (info.get("seed"), info.get("size"), len(d.get("images", [])), info.get("preset", "default"))
+        if have != (seed, size, n, preset):
+            return f"{ann.name} was made with seed/size/images/preset {have}, this profile needs {(seed, size, n, preset)}"
     return None
 
 def merge_profile_results(path, # figures/results_<profile>.json: every notebook's latest run of one profile

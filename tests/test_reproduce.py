@@ -70,6 +70,7 @@ def test_shapes_made_for_another_profile_is_not_reused(tmp_path):
     from segbook.shapes import write_shapes_dataset
     write_shapes_dataset(tmp_path, n_train=3, n_val=2, size=64, seed=0)
     assert shapes_mismatch(tmp_path, seed=0, n_train=3, n_val=2, size=64) is None
-    assert "(0, 64, 3)" in shapes_mismatch(tmp_path, seed=0, n_train=5, n_val=2, size=64)
+    assert "(0, 64, 3, 'default')" in shapes_mismatch(tmp_path, seed=0, n_train=5, n_val=2, size=64)
+    assert "'large'" in shapes_mismatch(tmp_path, seed=0, n_train=3, n_val=2, size=64, preset="large")
     assert "seed" in shapes_mismatch(tmp_path, seed=1, n_train=3, n_val=2, size=64)
     assert "no instances_train.json" in shapes_mismatch(tmp_path / "none", seed=0, n_train=3, n_val=2, size=64)

@@ -106,3 +106,27 @@ def test_gt_against_itself_scores_segm_ap_1_and_loads_in_dataset(shapes):
     img, t = ds[0]
     assert img.shape == (3, 96, 96) and len(t["labels"]) >= 1 and t["labels"].max() < len(CLASSES)
     assert not ds.skipped
+
+
+def test_large_preset_is_deterministic_large_and_detailed(tmp_path):
+    from segbook.shapes import PRESETS, at_resolution, mask_iou
+    a = write_shapes_dataset(tmp_path / "a", n_train=2, n_val=10, seed=0, preset="large")
+    b = write_shapes_dataset(tmp_path / "b", n_train=2, n_val=10, seed=0, preset="large")
+    for split in ("train", "val"):
+        assert Path(a[split]["annotations"]).read_bytes() == Path(b[split]["annotations"]).read_bytes()
+    d = json.loads(Path(a["val"]["annotations"]).read_text())
+    assert d["info"]["preset"] == "large" and d["info"]["size"] == PRESETS["large"]["size"] == 320
+    assert d["info"]["area_rng"]["large"] == [96.0 ** 2, 1e10] and [c["name"] for c in d["categories"]] == list(CLASSES)
+    assert np.mean([x["area"] > 96 ** 2 for x in d["annotations"]]) > 0.5
+    _, m, _ = make_shapes_image(np.random.default_rng(0), preset="large")
+    assert mask_iou(at_resolution(m, 28), m).mean() < mask_iou(at_resolution(m, 112), m).mean()
+    with pytest.raises(ValueError, match="preset"):
+        write_shapes_dataset(tmp_path / "c", n_train=1, n_val=1, preset="huge")
+
+
+def test_cli_synth_presets_match_the_generator(tmp_path):
+    from segbook.cli import build_parser
+    from segbook.shapes import PRESETS
+    synth = build_parser()._subparsers._group_actions[0].choices["data"]._subparsers._group_actions[0].choices["synth"]
+    choices = next(a.choices for a in synth._actions if a.dest == "preset")
+    assert sorted(choices) == sorted(PRESETS)

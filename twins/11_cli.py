@@ -38,7 +38,7 @@ from pathlib import Path
 #| export
 def _cmd_data_synth(a):
     from segbook.shapes import write_shapes_dataset
-    info = write_shapes_dataset(a.out, n_train=a.n_train, n_val=a.n_val, size=a.size, seed=a.seed)
+    info = write_shapes_dataset(a.out, n_train=a.n_train, n_val=a.n_val, size=a.size, seed=a.seed, preset=a.preset)
     print(json.dumps(info))
 
 def _cmd_data_browse(a):
@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (gets annotations/ train/ val/)")
     s.add_argument("--n-train", type=nonneg_int, default=2000, help="training images")
     s.add_argument("--n-val", type=nonneg_int, default=200, help="validation images")
-    s.add_argument("--size", type=positive_int, default=128, help="image side in pixels (128 for CPU, 512 for GPU runs)")
+    s.add_argument("--size", type=positive_int, help="image side in pixels (default: the preset's, 128 or 320)")
     s.add_argument("--seed", type=int, default=0, help="generator seed: same seed, same files")
+    s.add_argument("--preset", choices=["default", "large"], default="default",
+                   help="'large': 320² images, 1-4 mostly COCO-large objects with fine boundary detail (see chapter 01b)")
     s.set_defaults(func=_cmd_data_synth)
     b = dsub.add_parser("browse", help="render ground-truth overlays of a COCO-format split to PNG")
     b.add_argument("--data", required=True, help="dataset root with annotations/instances_SPLIT.json and SPLIT/")
@@ -326,7 +328,8 @@ if __name__ == "__main__" and "IPython" not in sys.modules:  # `python -m segboo
 # %%
 p = build_parser()
 a = p.parse_args(["data", "synth", "--out", "/tmp/x", "--n-train", "3"])
-assert a.n_train == 3 and a.func is _cmd_data_synth
+assert a.n_train == 3 and a.func is _cmd_data_synth and a.preset == "default" and a.size is None
+assert p.parse_args(["data", "synth", "--out", "/tmp/x", "--preset", "large"]).preset == "large"
 try:
     p.parse_args([]); raise AssertionError("no command must fail")
 except SystemExit as e:
