@@ -429,18 +429,31 @@ def weighted_cost(class_logits:torch.Tensor, # [G,Q] logit of each GT's class fo
                   mask_cost:torch.Tensor|None, # [G,Q] unweighted C_mask, or None
                   cfg:MatchingConfig, # weights and the class-cost switch
                  ) -> torch.Tensor: # [G,Q] the total of Eq. 4
-    "Eq. 4's weighted sum of the class, box and mask terms in one expression (what `compiled_weighted_cost` fuses)."
+    "Eq. 4's weighted sum of the class, box and mask terms in one expression (what `fused_weighted_cost` compiles)."
     total = cost_class(class_logits, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma) * cfg.weight_class
     l1, giou = cost_box(pred_boxes, gt_boxes)
     total = total + l1 * cfg.weight_l1 + giou * cfg.weight_giou
     return total if mask_cost is None else total + mask_cost * cfg.weight_mask
 
-_COMPILED = {}   # device type -> `weighted_cost` through torch.compile, or None once compiling failed there
+def gathered_weighted_cost(logits_t:torch.Tensor, # [B,C,Q] class logits, classes before queries
+                           box_planes:torch.Tensor, # [B,4,Q] normalised query boxes, coordinates before queries
+                           image:torch.Tensor, # [G] image of each GT
+                           labels:torch.Tensor, # [G] class of each GT
+                           gt_boxes:torch.Tensor, # [G,1,4] normalised GT boxes
+                           mask_padded:torch.Tensor|None, # [B·N_max,Q] C_mask in the per-image padding, or None
+                           padded_row:torch.Tensor, # [G] row of each GT in that padding
+                           cfg:MatchingConfig,
+                          ) -> torch.Tensor: # [G,Q]
+    "`weighted_cost` with its per-GT gathers inside, so that a compiler can read the rows in the loop it fuses."
+    mask = None if mask_padded is None else mask_padded[padded_row]
+    return weighted_cost(logits_t[image, labels], box_planes[image].transpose(1, 2), gt_boxes, mask, cfg)
 
-def fused_weighted_cost(*args, device:torch.device) -> torch.Tensor|None: # `weighted_cost(*args)`, or None
-    "`weighted_cost` compiled by `torch.compile` (dynamic shapes: one compile per process and config) into one loop."
+_COMPILED = {}   # device type -> `gathered_weighted_cost` through torch.compile, or None once compiling failed there
+
+def fused_weighted_cost(*args, device:torch.device) -> torch.Tensor|None: # `gathered_weighted_cost(*args)`, or None
+    "`gathered_weighted_cost` compiled by `torch.compile` (dynamic shapes: one compile per process and config)."
     if device.type not in _COMPILED:
-        _COMPILED[device.type] = torch.compile(weighted_cost, dynamic=True, fullgraph=True)
+        _COMPILED[device.type] = torch.compile(gathered_weighted_cost, dynamic=True, fullgraph=True)
     fn = _COMPILED[device.type]
     if fn is None:
         return None
@@ -465,13 +478,12 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
     labels = torch.cat([t["labels"] for t in targets]).to(dev)
     gt_boxes = torch.cat([t["boxes"] for t in targets]).to(dev, dtype)                   # [G,4]
     sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(dev)           # [B,2]
-    # query boxes normalised by their image's size, coordinates outermost, gathered for each GT's image: four [G,Q] planes
-    boxes = normalize_boxes(pred["boxes"], sizes[:, None]).transpose(1, 2).contiguous().index_select(0, image).transpose(1, 2)
-    class_logits, gt_n = pred["logits"].transpose(1, 2)[image, labels], normalize_boxes(gt_boxes, sizes[image])[:, None]
+    box_planes = normalize_boxes(pred["boxes"], sizes[:, None]).transpose(1, 2).contiguous()   # [B,4,Q]
+    gt_n = normalize_boxes(gt_boxes, sizes[image])[:, None]                                  # [G,1,4]
     kernel = cfg.cost_kernel
     if kernel == "auto":
         kernel = "compiled" if dev.type == "cpu" and len(labels) * Q >= 65536 and cfg.mask_cost != "dice" else "eager"
-    terms = {}
+    terms, mask_padded = {}, None
     if cfg.mask_cost in ("cosine", "l1"):
         r = pred_mask_embed(pred)                                                        # [B,Q,l]
         g = torch.cat([t["mask_embed"] for t in targets]).to(dev, r.dtype)               # [G,l]
@@ -480,15 +492,23 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
         g_pad = g.new_zeros(B * n_max, g.shape[-1]).index_copy_(0, padded_row, g).view(B, n_max, -1)
         fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
         # both mask costs are symmetric in their two arguments: GT first gives GT-major [B,N_max,Q] directly
-        terms["mask"] = fn(g_pad, r).view(B * n_max, Q).index_select(0, padded_row)   # index_select: 7x faster than [ ] here
+        mask_padded = fn(g_pad, r).view(B * n_max, Q)
     elif cfg.mask_cost == "dice":                                                        # Table 1b ablation: per image
         m, gt = pred_mask_probs(pred, codec), torch.cat([t["masks_crop"] for t in targets]).to(dev)
         starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
         terms["mask"] = torch.cat([cost_mask_dice(m[b], gt[starts[b]:starts[b + 1]]).T for b in range(B)])
+        mask_padded, padded_row = terms["mask"], torch.arange(len(labels), device=dev)
+    logits_t = pred["logits"].transpose(1, 2)                                                # [B,C,Q]
     if kernel == "compiled":   # one fused loop; the unweighted terms are not kept (`hungarian_match` recomputes them on error)
-        total = fused_weighted_cost(class_logits, boxes, gt_n, terms.get("mask"), cfg, device=dev)
+        total = fused_weighted_cost(logits_t.contiguous(), box_planes, image, labels, gt_n, mask_padded, padded_row, cfg,
+                                    device=dev)
         if total is not None:
             return total, {}
+    if mask_padded is not None and "mask" not in terms:
+        terms["mask"] = mask_padded.index_select(0, padded_row)                              # index_select: 7x faster than [ ] here
+    # query boxes gathered for each GT's image, coordinates outermost: four contiguous [G,Q] planes
+    boxes = box_planes.index_select(0, image).transpose(1, 2)
+    class_logits = logits_t[image, labels]
     terms["class"] = cost_class(class_logits, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma)
     terms["l1"], terms["giou"] = cost_box(boxes, gt_n)
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
