@@ -117,7 +117,7 @@
 # Every paper claim the experiments test is a row of the claims ledger, `figures/claims.json`, rendered as
 # [`figures/tables/claims.md`](../figures/tables/claims.md): the paper's value beside ours per seed, and a verdict
 # (replicated / reversed / not separable / not run; the rule is in chapter 12). `segbook reproduce --profile cpu
-# --out runs/cpu --figures figures` rewrites it; the cell below shows the committed one.
+# --out runs/cpu --figures figures` rewrites it; below is the committed one (in the README too, written by `tools/make_readme.py`).
 
 # %%
 import json
