@@ -36,6 +36,7 @@ from segbook.io import remove_stale_temps, torch_save_atomic, write_text_atomic
 
 import numpy as np
 import torch
+import atexit
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -132,7 +133,8 @@ def seed_worker(worker_id:int) -> None:
 #
 # No home-made launcher: `torchrun --nproc_per_node N -m segbook.cli train ...` starts `N` processes
 # and sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`. `init_distributed`
-# reads them and joins the process group — NCCL on CUDA, gloo on CPU — and `train` wraps the model
+# reads them and joins the process group — NCCL on CUDA, gloo on CPU — and leaves it again at exit
+# (`leave_distributed`: a gloo group left to the interpreter's shutdown can abort a rank as it exits), and `train` wraps the model
 # in `DistributedDataParallel`, which averages gradients over processes in the backward pass. Only
 # rank 0 writes checkpoints, logs and runs `evaluate_fn`.
 #
@@ -167,7 +169,13 @@ def init_distributed(backend:str=None, # default: 'nccl' with CUDA, else 'gloo'
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl": torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        atexit.register(leave_distributed)
     return dist_info()
+
+def leave_distributed():
+    "Destroy the process group `init_distributed` joined (at exit): its communication threads end before the interpreter does."
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 def unwrap(model:nn.Module) -> nn.Module:
     "The model inside `DistributedDataParallel`, or `model` itself."
