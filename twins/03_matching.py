@@ -278,7 +278,12 @@ def cost_mask_cosine(pred_embed:torch.Tensor, # [...,P,l] predicted embeddings r
                      gt_embed:torch.Tensor, # [...,G,l] GT embeddings g(m) (leading dims broadcast, as in `torch.matmul`)
                     ) -> torch.Tensor: # [...,P,G] in [-1, 0]
     "C_mask of Eq. 7 (without λ): −(cos(r̃, g(m)) + 1)/2 for every (prediction, GT) pair."
-    cos = F.normalize(pred_embed, dim=-1) @ F.normalize(gt_embed, dim=-1).mT
+    # the dot products of the raw embeddings divided by the product of their norms (each clamped as F.normalize does):
+    # the same cosine as normalising first, and a compiler can fuse the division into the loop that reads the product
+    eps = 1e-12
+    norm_p = torch.linalg.vector_norm(pred_embed, dim=-1).clamp_min(eps)
+    norm_g = torch.linalg.vector_norm(gt_embed, dim=-1).clamp_min(eps)
+    cos = (pred_embed @ gt_embed.mT).div_(norm_p[..., :, None] * norm_g[..., None, :])
     return cos.mul_(-0.5).sub_(0.5)                               # = −(cos + 1)/2 to the last bit (×0.5 is exact)
 
 def cost_mask_l1(pred_embed:torch.Tensor, # [P,l]
@@ -398,6 +403,10 @@ def cost_blocks(total:torch.Tensor, # [B,Q,G] batched total cost from `matching_
 # planes (the profile of the benchmark batch: `sub`, `add`, `mul` and their temporaries take most of the eager cost),
 # each reading and writing memory. `weighted_cost` writes Eq. 4's weighted sum as one expression of the same functions,
 # and `torch.compile` (inductor's C++ backend, dynamic shapes so a new G does not recompile) turns it into one fused loop.
+# The mask cosine goes into the same compiled function: its batched product stays a library call, while the division by
+# the two norms, the affine map of Eq. 7 and the pick of each GT's row are read inside the loop, with no [B, N_max, Q]
+# temporaries. (The class logits are gathered before it: an indexed read with stride C inside the loop was slower than
+# the eager gather of `logits[b_g, :, c_g]`.)
 # `cost_kernel='auto'` uses it on the CPU for problems of at least 64k pairs (a COCO batch has ~130k), where it pays for
 # its one-time compile (tens of seconds per process and config); smaller problems, CUDA (not measured here) and a
 # machine without a C++ compiler use the eager sum, which gives the same numbers (the test below pins them to 1e−5).
@@ -435,18 +444,21 @@ def weighted_cost(class_logits:torch.Tensor, # [G,Q] logit of each GT's class fo
     total = total + l1 * cfg.weight_l1 + giou * cfg.weight_giou
     return total if mask_cost is None else total + mask_cost * cfg.weight_mask
 
-def gathered_weighted_cost(logits_t:torch.Tensor, # [B,C,Q] class logits, classes before queries
+def gathered_weighted_cost(class_logits:torch.Tensor, # [G,Q] logit of each GT's class for each query of its image
                            box_planes:torch.Tensor, # [B,4,Q] normalised query boxes, coordinates before queries
                            image:torch.Tensor, # [G] image of each GT
-                           labels:torch.Tensor, # [G] class of each GT
                            gt_boxes:torch.Tensor, # [G,1,4] normalised GT boxes
-                           mask_padded:torch.Tensor|None, # [B·N_max,Q] C_mask in the per-image padding, or None
-                           padded_row:torch.Tensor, # [G] row of each GT in that padding
+                           gt_embed_padded:torch.Tensor|None, # [B,N_max,l] GT embeddings in a per-image padding; None: no mask cost
+                           pred_embed:torch.Tensor|None, # [B,Q,l] predicted embeddings r̃
+                           padded_row:torch.Tensor, # [G] row of each GT in the flattened [B·N_max] padding
                            cfg:MatchingConfig,
                           ) -> torch.Tensor: # [G,Q]
-    "`weighted_cost` with its per-GT gathers inside, so that a compiler can read the rows in the loop it fuses."
-    mask = None if mask_padded is None else mask_padded[padded_row]
-    return weighted_cost(logits_t[image, labels], box_planes[image].transpose(1, 2), gt_boxes, mask, cfg)
+    "`weighted_cost` with its per-GT gathers and the mask cost inside, so that a compiler reads the rows in the loop it fuses."
+    mask = None
+    if gt_embed_padded is not None:   # both mask costs are symmetric: GT first gives GT-major [B,N_max,Q] directly
+        fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
+        mask = fn(gt_embed_padded, pred_embed).flatten(0, 1)[padded_row]
+    return weighted_cost(class_logits, box_planes[image].transpose(1, 2), gt_boxes, mask, cfg)
 
 _COMPILED = {}   # device type -> `gathered_weighted_cost` through torch.compile, or None once compiling failed there
 
@@ -458,7 +470,8 @@ def fused_weighted_cost(*args, device:torch.device) -> torch.Tensor|None: # `gat
     if fn is None:
         return None
     try:
-        return fn(*args)
+        with torch.no_grad():   # a matching cost needs no gradient, and one grad mode means one compiled graph per config
+            return fn(*args)
     except Exception as e:   # no C++ compiler, or an unsupported platform: the eager sum gives the same numbers
         import warnings
         warnings.warn(f"segbook.matching: torch.compile failed ({type(e).__name__}: {str(e)[:160]}); "
@@ -482,14 +495,22 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
     gt_n = normalize_boxes(gt_boxes, sizes[image])[:, None]                                  # [G,1,4]
     kernel = cfg.cost_kernel
     if kernel == "auto":
-        kernel = "compiled" if dev.type == "cpu" and len(labels) * Q >= 65536 and cfg.mask_cost != "dice" else "eager"
-    terms, mask_padded = {}, None
+        kernel = "compiled" if dev.type == "cpu" and len(labels) * Q >= 65536 else "eager"
+    if cfg.mask_cost == "dice":   # the Table 1b ablation decodes masks per image: always the eager sum
+        kernel = "eager"
+    terms, mask_padded, g_pad, r = {}, None, None, None
     if cfg.mask_cost in ("cosine", "l1"):
         r = pred_mask_embed(pred)                                                        # [B,Q,l]
         g = torch.cat([t["mask_embed"] for t in targets]).to(dev, r.dtype)               # [G,l]
         if r.shape[-1] != g.shape[-1]:
             raise ValueError(f"predicted mask embeddings have l={r.shape[-1]} but GT embeddings l={g.shape[-1]} (codec mismatch?)")
         g_pad = g.new_zeros(B * n_max, g.shape[-1]).index_copy_(0, padded_row, g).view(B, n_max, -1)
+    class_logits = pred["logits"][image, :, labels]                                          # [G,Q]: 3x faster than via [B,C,Q]
+    if kernel == "compiled":   # one fused loop; the unweighted terms are not kept (`hungarian_match` recomputes them on error)
+        total = fused_weighted_cost(class_logits, box_planes, image, gt_n, g_pad, r, padded_row, cfg, device=dev)
+        if total is not None:
+            return total, {}
+    if g_pad is not None:
         fn = cost_mask_cosine if cfg.mask_cost == "cosine" else cost_mask_l1
         # both mask costs are symmetric in their two arguments: GT first gives GT-major [B,N_max,Q] directly
         mask_padded = fn(g_pad, r).view(B * n_max, Q)
@@ -497,18 +518,10 @@ def matching_cost_compact(pred:dict, # one stage: `logits` [B,Q,C], `boxes` [B,Q
         m, gt = pred_mask_probs(pred, codec), torch.cat([t["masks_crop"] for t in targets]).to(dev)
         starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
         terms["mask"] = torch.cat([cost_mask_dice(m[b], gt[starts[b]:starts[b + 1]]).T for b in range(B)])
-        mask_padded, padded_row = terms["mask"], torch.arange(len(labels), device=dev)
-    logits_t = pred["logits"].transpose(1, 2)                                                # [B,C,Q]
-    if kernel == "compiled":   # one fused loop; the unweighted terms are not kept (`hungarian_match` recomputes them on error)
-        total = fused_weighted_cost(logits_t.contiguous(), box_planes, image, labels, gt_n, mask_padded, padded_row, cfg,
-                                    device=dev)
-        if total is not None:
-            return total, {}
     if mask_padded is not None and "mask" not in terms:
         terms["mask"] = mask_padded.index_select(0, padded_row)                              # index_select: 7x faster than [ ] here
     # query boxes gathered for each GT's image, coordinates outermost: four contiguous [G,Q] planes
     boxes = box_planes.index_select(0, image).transpose(1, 2)
-    class_logits = logits_t[image, labels]
     terms["class"] = cost_class(class_logits, cfg.class_cost, cfg.focal_alpha, cfg.focal_gamma)
     terms["l1"], terms["giou"] = cost_box(boxes, gt_n)
     weights = {"class": cfg.weight_class, "l1": cfg.weight_l1, "giou": cfg.weight_giou, "mask": cfg.weight_mask}
