@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['positive_int', 'nonneg_int', 'probability', 'UsageError', 'split_overrides', 'image_size', 'device_name',
-           'build_parser', 'main']
+           'run_device', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #05f68db7
 import argparse
@@ -140,6 +140,13 @@ def device_name(text:str) -> str:
     if n >= torch.cuda.device_count(): raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
 
+def run_device(text:str) -> str:
+    "`device_name` for the commands that run a trained model: 'auto' becomes 'cuda' when this machine has one, else 'cpu'."
+    text = device_name(text)
+    if text != "auto": return text
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 # %% ../nbs/11_cli.ipynb #8946b14b
 def build_parser() -> argparse.ArgumentParser:
     "The `segbook` argument parser: one subparser per job."
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset root (default with --checkpoint: the run's)")
     e.add_argument("--split", help="split (default with --checkpoint: the config's data.val_split)")
     e.add_argument("--per-class", action="store_true", help="also print (and store under 'per_class') each category's AP")
-    e.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    e.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     e.add_argument("--out", help="folder for metrics.json (and results.json with --checkpoint; default: RUN/eval_SPLIT; "
                                  "with --results nothing is written without --out)")
     e.add_argument("--max-images", type=positive_int, help="--checkpoint: evaluate the first N images only")
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run")
     r.add_argument("inputs", nargs="+", metavar="IMG|key=value", help="image files, then optional config overrides like eval's, e.g. model.refine=false")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    r.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     r.add_argument("--threshold", type=probability, default=0.4,
                    help="keep detections with score >= T in the overlays and JSON (default 0.4). ISTR's scores are per-class "
                         "sigmoid probabilities of its queries, without NMS: lower T to see weaker detections")
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("bench", help="latency / FPS / peak memory of a model, optionally against a peer, timed alternately")
     k.add_argument("--model", required=True, help="segbook config YAML, or 'maskrcnn_r50' (torchvision)")
     k.add_argument("--vs", help="peer to time in the same run, e.g. maskrcnn_r50")
-    k.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    k.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     k.add_argument("--size", default="800x800", type=image_size, help="input HxW")
     k.add_argument("--iters", type=positive_int, default=50, help="timed iterations per model")
     k.add_argument("--warmup", type=nonneg_int, default=10, help="untimed warm-up iterations per model")

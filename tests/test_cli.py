@@ -167,7 +167,9 @@ def test_predict_ids_threshold_overrides_and_round_trip(run, shapes, tmp_path, c
 
 
 def test_eval_checkpoint_plot_and_viz(run, shapes, tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--split", "val", "--out", str(tmp_path / "ev"), "--per-class"]) == 0
+    # --device auto: the machine's CUDA device when it has one, else the CPU (as for train)
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--split", "val", "--out", str(tmp_path / "ev"), "--per-class",
+                 "--device", "auto"]) == 0
     cap = capsys.readouterr()
     m = json.loads(cap.out)
     assert m == json.loads((tmp_path / "ev" / "metrics.json").read_text()) and (tmp_path / "ev" / "results.json").exists()

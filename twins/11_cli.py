@@ -164,6 +164,13 @@ def device_name(text:str) -> str:
     if n >= torch.cuda.device_count(): raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
 
+def run_device(text:str) -> str:
+    "`device_name` for the commands that run a trained model: 'auto' becomes 'cuda' when this machine has one, else 'cpu'."
+    text = device_name(text)
+    if text != "auto": return text
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 # %%
 #| export
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset root (default with --checkpoint: the run's)")
     e.add_argument("--split", help="split (default with --checkpoint: the config's data.val_split)")
     e.add_argument("--per-class", action="store_true", help="also print (and store under 'per_class') each category's AP")
-    e.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    e.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     e.add_argument("--out", help="folder for metrics.json (and results.json with --checkpoint; default: RUN/eval_SPLIT; "
                                  "with --results nothing is written without --out)")
     e.add_argument("--max-images", type=positive_int, help="--checkpoint: evaluate the first N images only")
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, help="last.pt of a `segbook train` run")
     r.add_argument("inputs", nargs="+", metavar="IMG|key=value", help="image files, then optional config overrides like eval's, e.g. model.refine=false")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    r.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     r.add_argument("--threshold", type=probability, default=0.4,
                    help="keep detections with score >= T in the overlays and JSON (default 0.4). ISTR's scores are per-class "
                         "sigmoid probabilities of its queries, without NMS: lower T to see weaker detections")
@@ -272,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("bench", help="latency / FPS / peak memory of a model, optionally against a peer, timed alternately")
     k.add_argument("--model", required=True, help="segbook config YAML, or 'maskrcnn_r50' (torchvision)")
     k.add_argument("--vs", help="peer to time in the same run, e.g. maskrcnn_r50")
-    k.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda[:N]}")
+    k.add_argument("--device", default="cpu", type=run_device, metavar="{auto,cpu,cuda[:N]}")
     k.add_argument("--size", default="800x800", type=image_size, help="input HxW")
     k.add_argument("--iters", type=positive_int, default=50, help="timed iterations per model")
     k.add_argument("--warmup", type=nonneg_int, default=10, help="untimed warm-up iterations per model")
