@@ -6,7 +6,8 @@
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
            'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'RefinementTransformer',
            'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image', 'pad_masks', 'MaskRCNNTransfiner',
-           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner']
+           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner',
+           'incoherence_scores', 'detector_recall', 'thresholds_for_recall']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
@@ -614,3 +615,88 @@ def build_transfiner(cfg:TransfinerConfig|dict, # the YAML `model:` section
     if cfg.detector == "istr":
         return ISTRTransfiner(cfg, with_head, codec)
     raise ValueError(f"model.detector: expected 'maskrcnn' or 'istr', got {cfg.detector!r}")
+
+# %% ../nbs/08_transfiner.ipynb #4af91def
+@torch.no_grad()
+def incoherence_scores(model, # trained MaskRCNNTransfiner or ISTRTransfiner
+                       ds, # evaluation data set (`segbook.pipeline.eval_dataset`): images at test size, GT masks
+                       device="cpu", max_images:Optional[int]=None,
+                       node_thresholds:list=(), # threshold lists (one per level) to count refined nodes at
+                       modes:Optional[list]=None, # detector modes to score; default: the trained one
+                       iou_min:float=0.5, # a detection is a positive at this IoU with a GT box (Table 3)
+                       batch:int=8) -> dict: # positives, probs {mode: per level [P] float}, targets per level [P] bool, nodes, rois
+    "The head's incoherence probabilities on every positive detection beside the Eq. 1 targets of its GT (Table 3)."
+    from segbook.data import collate
+    head, cfg = model.head, model.cfg
+    modes = list(modes or [cfg.detector_mode])
+    handed = []
+    def keep_inputs(levels, rois, coarse_probs, return_nodes=False):   # what `refine` is given; nothing is refined
+        handed.append((levels, rois, coarse_probs))
+        return coarse_probs.new_zeros(len(rois), head.sizes[-1], head.sizes[-1])
+    probs, tgts = {m: [[] for _ in head.sizes] for m in modes}, [[] for _ in head.sizes]
+    node_sums, n_rois = torch.zeros(len(node_thresholds), len(head.sizes)), 0
+    n = len(ds) if max_images is None else min(max_images, len(ds))
+    model.eval()
+    head.refine, topk = keep_inputs, cfg.refine_topk
+    cfg.refine_topk = None   # every detection, not only those an image's top k would refine
+    try:
+        for start in range(0, n, batch):
+            images, targets = collate([ds[i] for i in range(start, min(n, start + batch))])
+            images = images.to(device)
+            handed.clear()
+            model.predict(images, torch.stack([torch.as_tensor(t["size"]) for t in targets]), paste=False)
+            if not handed: continue
+            levels, rois, coarse = handed[0]
+            fpn, feats = head.pyramid(levels, rois)
+            inc = [x.sigmoid() for x in head.detector(feats, coarse)]
+            for k, thr in enumerate(node_thresholds):
+                nodes = select_nodes(build_quadtree([p >= t for p, t in zip(inc, thr)]), inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
+                node_sums[k] += torch.stack([(nodes.valid & (nodes.level == l)).sum() for l in range(len(head.sizes))]).cpu()
+            n_rois += len(rois)
+            H, W = images.shape[-2:]
+            pos, gts = [], []
+            for b, t in enumerate(targets):   # a loop over images: each detection's best GT of its own image
+                mine = (rois[:, 0] == b).nonzero()[:, 0]
+                keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
+                if not len(mine) or not keep.any(): continue
+                iou, idx = box_iou(rois[mine, 1:], t["boxes"][keep].to(rois)).max(1)
+                pos.append(mine[iou >= iou_min])
+                gts.append(pad_masks(t["masks"][keep].to(device), H, W)[idx[iou >= iou_min]])
+            if not pos or not sum(len(p) for p in pos): continue
+            pos, gts = torch.cat(pos), torch.cat(gts)
+            for l, t in enumerate(incoherent_pyramid(gts, rois[pos, 1:], head.sizes, cfg.incoherent_target)):
+                tgts[l].append(t.flatten().cpu())
+            for m in modes:
+                trained = head.detector.mode
+                head.detector.mode = m
+                try: maps = inc if m == trained else [x.sigmoid() for x in head.detector(feats, coarse)]
+                finally: head.detector.mode = trained
+                for l, x in enumerate(maps):
+                    probs[m][l].append(x[pos].flatten().cpu())
+    finally:
+        del head.refine   # the class's method again
+        cfg.refine_topk = topk
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
+    n_pos = sum(len(t) for t in tgts[0]) // head.sizes[0] ** 2
+    return {"positives": n_pos, "targets": [cat(t).bool() for t in tgts], "probs": {m: [cat(p) for p in v] for m, v in probs.items()},
+            "nodes": (node_sums / max(n_rois, 1)).tolist(), "rois": n_rois}
+
+def detector_recall(scores:dict, # from `incoherence_scores`
+                    thresholds:list, # one per level
+                    mode:Optional[str]=None) -> dict: # {'levels': [{recall, accuracy}], 'all': {...}}
+    "Table 3's recall and accuracy of the detector at `thresholds`, per level and over all levels."
+    probs = scores["probs"][mode or next(iter(scores["probs"]))]
+    preds = [p >= t for p, t in zip(probs, thresholds)]
+    as_float = lambda d: {k: float(v) for k, v in d.items()}
+    return {"levels": [as_float(incoherence_metrics(p, t)) for p, t in zip(preds, scores["targets"])],
+            "all": as_float(incoherence_metrics(torch.cat(preds), torch.cat(scores["targets"])))}
+
+def thresholds_for_recall(scores:dict, # from `incoherence_scores`
+                          recall:float, # wanted recall per level, in (0, 1]
+                          mode:Optional[str]=None) -> list: # one threshold per level
+    "Per level, the highest threshold at which the detector marks at least `recall` of the incoherent cells."
+    out = []
+    for p, t in zip(scores["probs"][mode or next(iter(scores["probs"]))], scores["targets"]):
+        pos = p[t].sort(descending=True).values
+        out.append(float(pos[max(0, math.ceil(recall * len(pos)) - 1)]) if len(pos) else 0.5)
+    return out

@@ -9,7 +9,8 @@ from segbook.embeddings import MaskMoments, PCACodec
 from segbook.incoherent import crop_masks, incoherent_pyramid
 from segbook.quadtree import build_quadtree, propagate, sample_nodes, select_nodes, values_at_nodes
 from segbook.transfiner import (IncoherenceDetector, RefinementTransformer, TransfinerConfig, TransfinerHead,
-                                build_transfiner, dice_loss, incoherence_loss, incoherence_metrics, sine_position)
+                                build_transfiner, detector_recall, dice_loss, incoherence_loss, incoherence_metrics,
+                                sine_position, thresholds_for_recall)
 
 torch.set_num_threads(1)
 SIZES = [28, 56, 112]
@@ -103,6 +104,31 @@ def test_incoherence_detector_loss_falls():
         loss = incoherence_loss(head.detector(feats, coarse), targets)
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_briefly_trained_detector_selects_nodes_below_the_root():
+    "After 25 detector steps, refinement at the recall-86 % operating point (`thresholds_for_recall`) refines >= 10 "
+    "nodes per RoI on every level: the regression where trained models refined 104 / 1 / 0 nodes at 28² / 56² / 112²."
+    torch.manual_seed(0)
+    masks, rois, levels = disc_scene(4)
+    head = TransfinerHead(tiny_cfg(max_nodes_per_roi=4096), 8)
+    coarse = crop_masks(masks, rois[:, 1:], 28, None)
+    fpn, feats = head.pyramid(levels, rois)
+    targets = incoherent_pyramid(masks, rois[:, 1:], SIZES)
+    opt = torch.optim.Adam(head.detector.parameters(), 1e-2)
+    for _ in range(25):
+        loss = incoherence_loss(head.detector(feats, coarse), targets)
+        opt.zero_grad(); loss.backward(); opt.step()
+    head.eval()
+    with torch.no_grad():
+        probs = [x.sigmoid().flatten() for x in head.detector(feats, coarse)]
+    scores = {"probs": {"cascade": probs}, "targets": [t.flatten() for t in targets]}
+    head.cfg.inc_threshold = thresholds_for_recall(scores, 0.86)
+    assert all(l["recall"] >= 0.86 for l in detector_recall(scores, head.cfg.inc_threshold)["levels"])
+    _, nodes, node_masks = head.refine(levels, rois, coarse, return_nodes=True)
+    per_level = [int((nodes.valid & (nodes.level == l)).sum()) / len(rois) for l in range(3)]
+    assert all(n >= 10 for n in per_level), per_level
+    assert [int(m.sum()) for m in node_masks][1:] == [int((nodes.valid & (nodes.level == l)).sum()) for l in (1, 2)]
 
 
 def _iou(a, b):

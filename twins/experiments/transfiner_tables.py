@@ -54,18 +54,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
 
 from segbook.data import collate
 from segbook.config import load_config
 from segbook.engine import build_train_loader, dist_info, resolve_device, seed_everything, train
-from segbook.incoherent import incoherent_pyramid
 from segbook.pipeline import build_model, eval_dataset, load_weights, train_dataset, with_dataset_classes
 from segbook.quadtree import build_quadtree, propagate, roi_pyramid_levels, select_nodes, trim_padding
 from segbook.reproduce import size_ranges, experiment_context, schedule_overrides, seconds_per_iter, write_json_atomic, write_table, _repo_root
 from segbook.bench import latency_summary, time_alternately
 from segbook.evaluation import evaluate_coco, predictions_to_coco
-from segbook.transfiner import top_per_image, incoherence_metrics, pad_masks, roi_pyramid_features
+from segbook.transfiner import top_per_image, detector_recall, incoherence_scores, roi_pyramid_features
 from segbook.viz import save_figure
 
 ctx = experiment_context(out_dir, shapes_root, coco_root, seed)
@@ -366,67 +364,20 @@ for n in DEPTHS:
     ev[n]["latency"] = latency_summary(timed[n]["ms"])
     print(f"{n:22s} {ev[n]['latency']['median_ms']:.0f} ms / image")
 
-
 # %% [markdown]
 # ## Table 3: the incoherence detector's recall and accuracy
 #
 # On the val images: every detection with IoU ≥ 0.5 to a (non-crowd) ground-truth box is a positive; its targets are
 # Eq. 1's incoherent cells of that GT mask cropped to the detected box (`incoherent_pyramid`, the training targets), its
 # predictions the detector's maps ≥ `inc_threshold`. Recall = TP/(TP+FN), accuracy = (TP+TN)/all cells
-# (`segbook.transfiner.incoherence_metrics`), pooled over all positives, per level and over the three levels together.
+# (`segbook.transfiner.incoherence_scores` and `detector_recall`, chapter 8), pooled over all positives, per level and
+# over the three levels together.
 # The paper does not say which level(s) its numbers pool.
 
 # %%
-@torch.no_grad()
-def incoherence_detection(model, # trained MaskRCNNTransfiner
-                          ds, # evaluation data set
-                          device, max_images:int|None=None,
-                          modes=("cascade", "single"), # detector modes to score
-                          iou_min:float=0.5, # a detection is a positive at this IoU with a GT box
-                          batch:int=8) -> dict: # {mode: {'levels': [{recall, accuracy}], 'all': {...}}, 'positives': n, 'incoherent_share': [...]}
-    "Transfiner Table 3 on a val split: the head's incoherence maps on positive detections against Eq. 1 targets."
-    head, cfg = model.head, model.cfg
-    L = len(head.sizes)
-    preds, tgts, n_pos = {m: [[] for _ in range(L)] for m in modes}, [[] for _ in range(L)], 0
-    n = len(ds) if max_images is None else min(max_images, len(ds))
-    model.eval()
-    for start in range(0, n, batch):
-        images, targets = collate([ds[i] for i in range(start, min(n, start + batch))])
-        images = images.to(device)
-        feats, dets, _ = model._detect(images, [tuple(int(v) for v in t["size"]) for t in targets])
-        H, W = images.shape[-2:]
-        rois, coarse, gts = [], [], []
-        for b, (d, t) in enumerate(zip(dets, targets)):
-            keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
-            if not len(d["boxes"]) or not keep.any(): continue
-            iou, idx = box_iou(d["boxes"], t["boxes"][keep].to(device)).max(1)
-            pos = iou >= iou_min
-            rois.append(torch.cat([torch.full_like(d["boxes"][pos, :1], b), d["boxes"][pos]], 1))
-            coarse.append(d["masks"][pos, 0])
-            gts.append(pad_masks(t["masks"][keep].to(device), H, W)[idx[pos]])
-        if not rois or not sum(len(r) for r in rois): continue
-        rois, coarse, gts = torch.cat(rois), torch.cat(coarse), torch.cat(gts)
-        n_pos += len(rois)
-        levels = [feats[k] for k in ("p2", "p3", "p4", "p5")]
-        fpn, f = head.pyramid(levels, rois)
-        for l, t in enumerate(incoherent_pyramid(gts, rois[:, 1:], head.sizes, cfg.incoherent_target)):
-            tgts[l].append(t.flatten().cpu())
-        for m in modes:
-            with switched(head.detector, mode=m):
-                inc = head.detector(f, coarse)
-            for l, (x, thr) in enumerate(zip(inc, cfg.inc_threshold)):
-                preds[m][l].append((x.sigmoid() >= thr).flatten().cpu())
-    if not n_pos:
-        return {"positives": 0}
-    tg = [torch.cat(t) for t in tgts]
-    out = {"positives": n_pos, "incoherent_share": [float(t.float().mean()) for t in tg]}
-    for m in modes:
-        pr = [torch.cat(p) for p in preds[m]]
-        out[m] = {"levels": [{k: float(v) for k, v in incoherence_metrics(p, t).items()} for p, t in zip(pr, tg)],
-                  "all": {k: float(v) for k, v in incoherence_metrics(torch.cat(pr), torch.cat(tg)).items()}}
-    return out
-
-det = incoherence_detection(model, val, dev, eval_images)
+scores = incoherence_scores(model, val, dev, eval_images, modes=["cascade", "single"])
+det = {"positives": scores["positives"], "incoherent_share": [float(t.float().mean()) for t in scores["targets"]],
+       **{m: detector_recall(scores, tcfg.inc_threshold, m) for m in ("cascade", "single")}} if scores["positives"] else {"positives": 0}
 print(json.dumps(det, indent=None)[:600])
 
 # %% [markdown]
