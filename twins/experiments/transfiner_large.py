@@ -71,8 +71,8 @@ from tqdm.auto import tqdm
 
 from segbook.config import load_config
 from segbook.pipeline import build_model, eval_dataset, load_weights
-from segbook.reproduce import (_repo_root, experiment_context, shapes_mismatch, threshold_verdict, write_json_atomic,
-                               write_table)
+from segbook.reproduce import (_repo_root, experiment_context, seconds_per_iter, shapes_mismatch, threshold_verdict,
+                               write_json_atomic, write_table)
 from segbook.shapes import write_shapes_dataset
 from segbook.transfiner import detector_recall, incoherence_scores, thresholds_for_recall
 from segbook.viz import save_figure
@@ -127,8 +127,7 @@ t0 = time.perf_counter()
 with ThreadPoolExecutor(workers) as pool:
     trained = dict(zip(runs, tqdm(pool.map(train_one, runs), total=len(runs), desc="train")))
 train_seconds = round(time.perf_counter() - t0, 1)
-s_per_iter = {f"{d}_s{s}": round(float(np.median([r["time"] for r in map(json.loads, (runs[d, s] / "metrics.jsonl").read_text().splitlines())
-                                                  if "time" in r] or [float("nan")])), 2) for d, s in runs}
+s_per_iter = {f"{d}_s{s}": seconds_per_iter(runs[d, s]) for d, s in runs}
 print({"train_seconds": train_seconds, "s_per_iter": s_per_iter})
 
 # %% [markdown]
