@@ -10,6 +10,7 @@ import os
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -19,7 +20,7 @@ except Exception:  # pragma: no cover - triton is bundled with CUDA builds of to
     HAS_TRITON = False
 
 # %% ../nbs/07b_gather.ipynb #004a4c34
-def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:bool, H:int, W:int):
+def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale, aligned:bool, H, W): # scale, H, W: numbers or [M] per node
     "Batch index [M], flat corner indices [M,4] into H*W and bilinear weights [M,4] (zero outside the map)."
     roi = boxes[node_roi]                                                     # [M,5]
     off = 0.5 if aligned else 0.0
@@ -34,7 +35,7 @@ def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:b
     y, x = y.clamp(min=0.0), x.clamp(min=0.0)
     y0, x0 = y.floor(), x.floor()
     ey, ex = y0 >= H - 1, x0 >= W - 1                                         # torchvision's last-row/col rule
-    y0, x0 = torch.where(ey, torch.full_like(y0, H - 1), y0), torch.where(ex, torch.full_like(x0, W - 1), x0)
+    y0, x0 = torch.where(ey, (H - 1) + torch.zeros_like(y0), y0), torch.where(ex, (W - 1) + torch.zeros_like(x0), x0)
     y, x = torch.where(ey, y0, y), torch.where(ex, x0, x)
     y1_, x1_ = torch.where(ey, y0, y0 + 1), torch.where(ex, x0, x0 + 1)
     ly, lx = y - y0, x - x0
@@ -45,31 +46,17 @@ def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:b
     return roi[:, 0].long(), idx, w
 
 def _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size, aligned):
-    "[M,C] RoIAlign values at the nodes with index ops (autograd-friendly): one row gather over all levels."
-    C = feats[0].shape[1]
-    # channels-last rows: a node's C values are contiguous (gathering along the NCHW channel stride is
-    # cache-hostile); a view for channels_last input, otherwise one transposed copy of the levels
-    rows = [f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]
-    if len(feats) > 1 and all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats):
-        out = None                                    # channels_last levels: gather each view, no copy at all
-        for l, (f, sc, r) in enumerate(zip(feats, scales, rows)):
-            B, _, H, W = f.shape
-            b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
-            v = (r[b[:, None] * (H * W) + idx] * w[..., None].to(r.dtype)).sum(1)
-            on = (node_level == l)[:, None]
-            out = torch.where(on, v, torch.zeros_like(v) if out is None else out)
-        return out
-    rows = rows[0] if len(rows) == 1 else torch.cat(rows)
-    flat, weight, start = None, None, 0
-    for l, (f, sc) in enumerate(zip(feats, scales)):
-        B, _, H, W = f.shape
-        b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
-        r = start + b[:, None] * (H * W) + idx
-        on = (node_level == l)[:, None]
-        flat = r if flat is None else torch.where(on, r, flat)
-        weight = w if weight is None else torch.where(on, w, weight)
-        start += B * H * W
-    return (rows[flat] * weight[..., None].to(rows.dtype)).sum(1)                 # [M,4,C] -> [M,C]
+    "[M,C] RoIAlign values at the nodes: each node's corners on its own level, weighted sums by `F.embedding_bag` (autograd-friendly)."
+    C, dev = feats[0].shape[1], boxes.device
+    # channels-last rows, all levels stacked: a node's C values are contiguous (a view for one channels_last level)
+    rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]) if len(feats) > 1 else feats[0].permute(0, 2, 3, 1).reshape(-1, C)
+    hw = torch.tensor([[f.shape[2], f.shape[3]] for f in feats], device=dev)                  # [L,2]
+    start = torch.tensor([0] + [f.shape[0] * f.shape[2] * f.shape[3] for f in feats[:-1]], device=dev).cumsum(0)
+    H, W = hw[node_level, 0], hw[node_level, 1]                                               # [M] each node's level
+    scale = torch.tensor([float(sc) for sc in scales], dtype=rows.dtype, device=dev)[node_level]
+    b, idx, w = _corners(boxes.to(rows.dtype), node_yx, node_roi, grid_size, scale, aligned, H, W)
+    flat = (start[node_level] + b * (H * W))[:, None] + idx                                   # [M,4] rows
+    return F.embedding_bag(flat, rows, per_sample_weights=w.to(rows.dtype), mode="sum")      # no [M,4,C] copy
 
 # %% ../nbs/07b_gather.ipynb #b4020e0a
 if HAS_TRITON:

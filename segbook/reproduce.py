@@ -35,7 +35,7 @@ from .data import find_coco_mini
 
 # %% ../nbs/12_reproduce.ipynb #9007a75d
 EXPERIMENTS = ["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_headroom", "transfiner_table7_efficiency",
-               "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_tables", "transfiner_large"]
+               "istr_ablations", "istr_stages", "compare_maskrcnn", "transfiner_large", "transfiner_tables"]
 
 _SMOKE_TRAIN = dict(iters=4, batch_size=2, eval_images=16)
 PROFILES = {
@@ -48,7 +48,7 @@ PROFILES = {
         "istr_ablations": dict(_SMOKE_TRAIN, variants="all"),
         "istr_stages": dict(_SMOKE_TRAIN),
         "compare_maskrcnn": dict(_SMOKE_TRAIN),
-        "transfiner_tables": dict(_SMOKE_TRAIN, finetune_iters=2),
+        "transfiner_tables": dict(runs_from="transfiner_large", seeds=[0], calib_images=4, eval_images=4, bench_iters=1),
         "transfiner_large": dict(n_train=8, n_val=4, seeds=[0], iters=4, calib_images=4, eval_images=4),
         "paper_vs_code": dict(),
     },
@@ -70,7 +70,7 @@ PROFILES = {
                                          "attention: multi-head", "image feat.: max"]),
         "istr_stages": dict(iters=7500, batch_size=4, eval_images=200, seeds=[0, 1], workers=2),
         "compare_maskrcnn": dict(iters=1500, batch_size=4, eval_images=200, seeds=[0, 1]),
-        "transfiner_tables": dict(iters=600, finetune_iters=800, batch_size=4, eval_images=200),
+        "transfiner_tables": dict(runs_from="transfiner_large", seeds=[0, 1], calib_images=100, eval_images=None),
         # the large preset (320²): Mask R-CNN 1800 and ISTR 4000 iterations x 2 per seed (~65 / ~70 min on one core),
         # two at a time: ~2.3 h on two cores for the four runs, then ~30 min of evaluation
         "transfiner_large": dict(n_train=600, n_val=100, seeds=[0, 1], workers=2, calib_images=100, iters=None),
@@ -85,7 +85,7 @@ PROFILES = {
         "istr_ablations": dict(iters=3000, batch_size=16, eval_images=200, variants="all", seeds=[0, 1]),
         "istr_stages": dict(iters=3000, batch_size=16, eval_images=200, seeds=[0, 1]),
         "compare_maskrcnn": dict(iters=3000, batch_size=16, eval_images=200, seeds=[0, 1]),
-        "transfiner_tables": dict(iters=3000, finetune_iters=2000, batch_size=16, eval_images=200),
+        "transfiner_tables": dict(runs_from="transfiner_large", seeds=[0, 1], calib_images=100, eval_images=None),
         "transfiner_large": dict(n_train=600, n_val=100, seeds=[0, 1], workers=2, calib_images=100, iters=None),
         "paper_vs_code": dict(),
     },
@@ -94,7 +94,7 @@ PROFILES = {
 # no GPU has run yet (cpu s/iteration scaled down); a chunk that is cut off can be run again with the same `--out`:
 # istr_ablations reuses every variant folder that finished (`train_istr_variant` resumes), so it goes on from there.
 GPU_CHUNKS = [["paper_vs_code", "istr_fig1_energy", "transfiner_table1", "transfiner_headroom", "transfiner_table7_efficiency"],
-              ["istr_ablations"], ["istr_stages"], ["compare_maskrcnn"], ["transfiner_tables"], ["transfiner_large"]]
+              ["istr_ablations"], ["istr_stages"], ["compare_maskrcnn"], ["transfiner_large", "transfiner_tables"]]
 
 # %% ../nbs/12_reproduce.ipynb #930ce5da
 def _repo_root() -> Path:

@@ -4,13 +4,15 @@
 
 # %% auto #0
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
-           'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'RefinementTransformer',
-           'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image', 'pad_masks', 'MaskRCNNTransfiner',
-           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner',
-           'incoherence_scores', 'detector_recall', 'thresholds_for_recall']
+           'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'encoder_layer',
+           'RefinementTransformer', 'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image',
+           'refined_detections', 'pad_masks', 'MaskRCNNTransfiner', 'istr_config', 'clip_to_images', 'query_masks',
+           'topk_pairs', 'ISTRTransfiner', 'build_transfiner', 'refine_replaced', 'matched_gt', 'matched_detections',
+           'incoherence_scores', 'detector_recall', 'thresholds_for_recall', 'incoherent_oracle']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -74,6 +76,7 @@ class TransfinerConfig:
     max_nodes_per_roi: Optional[int] = 1024   # inference caps (select_nodes), a memory budget: attention is K² per RoI;
     max_nodes_total: Optional[int] = 65536    #   None = all detected nodes (paper; up to 16464 per RoI at 28/56/112)
     refine_topk: Optional[int] = None # detections refined per image at test, best first; None = all (paper); code: 10
+    refine_min_score: Optional[float] = None  # ... and only those scoring at least this (this book's switch; None = no gate)
     # refinement transformer (§3.3)
     node_feature: bool = True         # Table 4 switches: fine-grained FPN feature at the node
     node_coarse: bool = True          #   coarse mask probability at the node
@@ -98,7 +101,7 @@ class TransfinerConfig:
                    rpn_pre_nms_top_n_test=POSITIVE, rpn_post_nms_top_n_test=POSITIVE, box_score_thresh=PROB, sizes=POSITIVE,
                    first_offset=NONNEG, detector_dim=POSITIVE, inc_threshold=PROB, nodes_per_level=POSITIVE,
                    min_nodes=NONNEG, max_train_rois=POSITIVE, max_nodes_per_roi=POSITIVE, max_nodes_total=POSITIVE,
-                   refine_topk=POSITIVE, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
+                   refine_topk=POSITIVE, refine_min_score=PROB, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
                    w_detect=NONNEG, w_coarse=NONNEG, w_refine=NONNEG, w_incoherent=NONNEG)
 
     @classmethod
@@ -144,19 +147,28 @@ class IncoherenceDetector(nn.Module):
         self.trunk = nn.Sequential(*convs, nn.Conv2d(dim, 1, 1))
         self.fuse = nn.ModuleList(nn.Conv2d(in_dim + 1, 1, 1) for _ in range(num_levels - 1 if mode == "cascade" else 0))
 
-    def forward(self, roi_feats:list, # per level [R,d,s,s], coarse first (only [0] used in 'single' mode)
+    def forward(self, levels:list, # P2..P5 [B,C,H_l,W_l]
+                rois:torch.Tensor, # [R,5] (batch index, xyxy)
+                fpn_levels:torch.Tensor, # [R,L] FPN level number feeding each grid (roi_pyramid_levels)
                 coarse_probs:torch.Tensor, # [R,s0,s0] coarse mask probabilities (every caller has them)
+                sizes:list, # grid sides, coarse first (28, 56, 112)
                ) -> list: # per level [R,s,s] incoherence logits
-        x = torch.cat([roi_feats[0], coarse_probs.detach()[:, None].to(roi_feats[0].dtype)], 1)  # (sessions 1-3: a
-        # second sigmoid here squeezed the probabilities into [0.5, 0.73]; models trained then saw that input)
+        levels = [f.detach() for f in levels]   # the detector reads detached features (as the code does)
+        with torch.no_grad():                   # no dense RoIAlign backward
+            feat = roi_pyramid_features(levels, rois, fpn_levels[:, 0], sizes[0])
+        x = torch.cat([feat, coarse_probs.detach()[:, None].to(feat.dtype)], 1)  # (sessions 1-3: a second sigmoid
+        # here squeezed the probabilities into [0.5, 0.73]; models trained then saw that input)
         out = [self.trunk(x)[:, 0]]
+        C = levels[0].shape[1]
         for l in range(1, self.num_levels):
-            s = roi_feats[l].shape[-1] if self.mode == "cascade" else out[0].shape[-1] * 2 ** l
-            up = F.interpolate(out[-1][:, None], size=(s, s), mode="nearest")
+            s = sizes[l]
+            up = F.interpolate(out[-1][:, None], size=(s, s), mode="nearest")[:, 0]
             if self.mode == "single":
                 out.append(F.interpolate(out[0][:, None], size=(s, s), mode="nearest")[:, 0])
-            else:
-                out.append(self.fuse[l - 1](torch.cat([roi_feats[l], up.sigmoid()], 1))[:, 0] + up[:, 0])
+                continue
+            fuse = self.fuse[l - 1]   # a 1x1 conv on [RoIAlign(P) ‖ σ(up)]: its feature half is applied to P first
+            pooled = roi_pyramid_features([F.conv2d(f, fuse.weight[:, :C]) for f in levels], rois, fpn_levels[:, l], s)[:, 0]
+            out.append(pooled + fuse.weight[0, C, 0, 0] * up.sigmoid() + fuse.bias[0] + up)
         return out
 
 def dice_loss(probs:torch.Tensor, # [R,...] probabilities
@@ -255,6 +267,19 @@ class NodeEncoder(nn.Module):
         return x
 
 # %% ../nbs/08_transfiner.ipynb #8a35a391
+def encoder_layer(layer:nn.TransformerEncoderLayer, # post-norm (norm_first=False), batch_first
+                  x:torch.Tensor, # [R,K,d] tokens
+                  attend:torch.Tensor, # [R,K] bool: keys a token may attend to
+                 ) -> torch.Tensor: # [R,K,d]
+    "One post-norm encoder layer with the layer's own weights and dropout, attention by `F.scaled_dot_product_attention`."
+    R, K, d = x.shape
+    mha, h = layer.self_attn, layer.self_attn.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(R, K, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :],
+                                       dropout_p=mha.dropout if layer.training else 0.0)
+    x = layer.norm1(x + layer.dropout1(mha.out_proj(a.transpose(1, 2).reshape(R, K, d))))
+    return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
+
 class RefinementTransformer(nn.Module):
     "Sequence encoder (post-norm DETR-style layers over all levels of an RoI) + pixel decoder (2-layer MLP → logit)."
     def __init__(self, d:int=256, heads:int=4, layers:int=3, ffn:int=2048, dropout:float=0.1):
@@ -268,8 +293,11 @@ class RefinementTransformer(nn.Module):
     def forward(self, tokens:torch.Tensor, # [R,K,d]
                 valid:torch.Tensor, # [R,K] bool
                ) -> torch.Tensor: # [R,K] refined mask logits
-        pad = ~valid & valid.any(1, keepdim=True)  # an all-padding row attends to itself (output unused): no NaN
-        return self.decoder(self.encoder(tokens, src_key_padding_mask=pad))[..., 0]
+        attend = valid | ~valid.any(1, keepdim=True)  # an all-padding row attends to every token (output unused): no NaN
+        x = tokens
+        for layer in self.encoder.layers:
+            x = encoder_layer(layer, x, attend)
+        return self.decoder(x)[..., 0]
 
 # %% ../nbs/08_transfiner.ipynb #5542b088
 class TransfinerHead(nn.Module):
@@ -282,12 +310,13 @@ class TransfinerHead(nn.Module):
                                    cfg.node_fusion)
         self.transformer = RefinementTransformer(cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.dropout)
 
-    def pyramid(self, levels:list, rois:torch.Tensor) -> tuple:
-        "FPN level per grid [R,L] and the dense RoI features the detector needs (28² only in 'single' mode)."
-        fpn = roi_pyramid_levels(rois[:, 1:], len(self.sizes), self.cfg.first_offset)
-        n = len(self.sizes) if self.cfg.detector_mode == "cascade" else 1
-        with torch.no_grad():  # the detector reads detached RoI features (as the code does): no dense RoIAlign backward
-            return fpn, [roi_pyramid_features(levels, rois, fpn[:, l], s) for l, s in zip(range(n), self.sizes)]
+    def grid_levels(self, rois:torch.Tensor) -> torch.Tensor: # [R,L] FPN level number feeding each grid
+        return roi_pyramid_levels(rois[:, 1:], len(self.sizes), self.cfg.first_offset)
+
+    def detect(self, levels:list, rois:torch.Tensor, coarse_probs:torch.Tensor) -> tuple: # fpn [R,L], logits per level [R,s,s]
+        "The incoherence detector on these RoIs (FPN level per grid, then the logits of every level)."
+        fpn = self.grid_levels(rois)
+        return fpn, self.detector(levels, rois, fpn, coarse_probs, self.sizes)
 
     def node_logits(self, levels, rois, fpn, nodes, coarse_probs) -> torch.Tensor: # [R,K]
         tokens = self.encoder(levels, rois, fpn, nodes, coarse_probs, self.sizes)
@@ -300,8 +329,7 @@ class TransfinerHead(nn.Module):
             ) -> dict: # loss_incoherent, loss_refine (unweighted) + inc_recall, inc_accuracy
         cfg = self.cfg
         coarse = coarse_logits.detach().sigmoid()
-        fpn, feats = self.pyramid(levels, rois)
-        inc_logits = self.detector(feats, coarse)
+        fpn, inc_logits = self.detect(levels, rois, coarse)
         targets = incoherent_pyramid(gt_masks, rois[:, 1:], self.sizes, cfg.incoherent_target)
         scored = len(self.sizes) if cfg.detector_mode == "cascade" else 1
         loss_inc = incoherence_loss(inc_logits[:scored], targets[:scored], "dice" in cfg.detector_loss)
@@ -331,8 +359,8 @@ class TransfinerHead(nn.Module):
                return_nodes:bool=False):
         "Detect incoherent nodes, refine them, propagate coarse → fine: [R,s_last,s_last] probabilities."
         cfg = self.cfg
-        fpn, feats = self.pyramid(levels, rois)
-        inc = [x.sigmoid() for x in self.detector(feats, coarse_probs)]
+        fpn, inc = self.detect(levels, rois, coarse_probs)
+        inc = [x.sigmoid() for x in inc]
         node_masks = build_quadtree([p >= t for p, t in zip(inc, cfg.inc_threshold)])
         nodes = select_nodes(node_masks, inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
         if not rois.is_cuda and cfg.max_nodes_per_roi is not None:  # on the CPU a sync is cheap, transformer work is not
@@ -387,6 +415,17 @@ def top_per_image(rois:torch.Tensor, # [R,5] grouped by image (column 0), best s
     "Which detections rank in their image's top k (the code's test-time LIMIT), without a host sync."
     b = rois[:, 0].long()
     return torch.arange(len(b), device=b.device) - torch.searchsorted(b, b) < (len(b) if k is None else k)
+
+def refined_detections(rois:torch.Tensor, # [R,5] grouped by image, best score first within an image
+                       scores:torch.Tensor, # [R] detection scores
+                       topk:Optional[int]=None, # refine_topk
+                       min_score:Optional[float]=None, # refine_min_score
+                      ) -> Optional[torch.Tensor]: # [R] bool, or None = every detection
+    "The detections `refine` is run on: the top k of each image, and of those the ones scoring at least `min_score`."
+    keep = None if topk is None else top_per_image(rois, topk)
+    if min_score is not None:
+        keep = scores >= min_score if keep is None else keep & (scores >= min_score)
+    return keep
 
 def pad_masks(masks:torch.Tensor, # [N,h,w]
               height:int, width:int) -> torch.Tensor: # [N,height,width] zero-padded (bottom/right)
@@ -469,8 +508,8 @@ class MaskRCNNTransfiner(nn.Module):
         if self.refine and sum(counts):
             levels = [feats[k] for k in ("p2", "p3", "p4", "p5")]
             rois = torch.cat([torch.cat([torch.full_like(d["boxes"][:, :1], b), d["boxes"]], 1) for b, d in enumerate(dets)])
-            k = self.cfg.refine_topk
-            masks = self.head.refine_some(levels, rois, coarse, None if k is None else top_per_image(rois, k))
+            keep = refined_detections(rois, torch.cat([d["scores"] for d in dets]), self.cfg.refine_topk, self.cfg.refine_min_score)
+            masks = self.head.refine_some(levels, rois, coarse, keep)
         else:
             masks = coarse
         out = []
@@ -588,9 +627,12 @@ class ISTRTransfiner(nn.Module):
             uniq, inv = torch.unique(b * Q + q, return_inverse=True)
             ub, uq = uniq // Q, uniq % Q
             rois = torch.cat([ub[:, None].to(boxes), clip_to_images(last["boxes"][ub, uq], image_sizes[ub])], 1)
-            k = self.cfg.refine_topk
+            k, t = self.cfg.refine_topk, self.cfg.refine_min_score
             keep = None if k is None else torch.zeros(len(uniq), dtype=torch.long, device=rois.device).index_add_(
                 0, inv, (torch.arange(K, device=rois.device).repeat(B) < k).long()) > 0      # in its image's top k
+            if t is not None:   # a query's best score over its pairs
+                best = scores.new_zeros(len(uniq)).scatter_reduce(0, inv, scores.flatten(), "amax")
+                keep = best >= t if keep is None else keep & (best >= t)
             masks = self.head.refine_some(levels, rois, query_masks(last, ub, uq, self.istr.codec), keep)[inv]
         else:
             masks = query_masks(last, b, q, self.istr.codec)                   # [B*K,s,s] ISTR's decoded masks
@@ -617,6 +659,61 @@ def build_transfiner(cfg:TransfinerConfig|dict, # the YAML `model:` section
     raise ValueError(f"model.detector: expected 'maskrcnn' or 'istr', got {cfg.detector!r}")
 
 # %% ../nbs/08_transfiner.ipynb #4af91def
+@contextmanager
+def refine_replaced(model, # MaskRCNNTransfiner or ISTRTransfiner
+                    fn): # called as the head's `refine(levels, rois, coarse_probs)`; returns [R,s,s] masks
+    "Within the block, `model.predict` hands every detection (no top-k limit or score gate) to `fn` instead of the head's `refine`."
+    head, cfg = model.head, model.cfg
+    model.eval()
+    head.refine, gate = fn, (cfg.refine_topk, cfg.refine_min_score)
+    cfg.refine_topk = cfg.refine_min_score = None
+    try: yield model
+    finally:
+        del head.refine   # the class's method again
+        cfg.refine_topk, cfg.refine_min_score = gate
+
+def matched_gt(rois:torch.Tensor, # [R,5] (image index, xyxy) in the input frame
+               targets:list, # segbook.data targets of the batch
+               H:int, W:int, # padded input size
+               iou_min:float=0.5) -> tuple: # pos [P] index into rois, gts [P,H,W] full-image GT masks
+    "The positives among `rois` (IoU ≥ `iou_min` with a non-crowd GT box of their image) and each one's best GT mask."
+    pos, gts = [], []
+    for b, t in enumerate(targets):   # a loop over images: each detection's best GT of its own image
+        mine = (rois[:, 0] == b).nonzero()[:, 0]
+        keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
+        if not len(mine) or not keep.any(): continue
+        iou, idx = box_iou(rois[mine, 1:], t["boxes"][keep].to(rois)).max(1)
+        pos.append(mine[iou >= iou_min])
+        gts.append(pad_masks(t["masks"][keep].to(rois.device), H, W)[idx[iou >= iou_min]])
+    if not pos: return torch.zeros(0, dtype=torch.long, device=rois.device), torch.zeros(0, H, W, dtype=torch.uint8, device=rois.device)
+    return torch.cat(pos), torch.cat(gts)
+
+def matched_detections(model, # trained MaskRCNNTransfiner or ISTRTransfiner
+                       ds, # evaluation data set (`segbook.pipeline.eval_dataset`) or a list of (image, target) pairs
+                       device="cpu", max_images:Optional[int]=None,
+                       iou_min:float=0.5, # a detection is a positive at this IoU with a (non-crowd) GT box
+                       batch:int=8): # yields one dict per batch: levels, rois, coarse, pos, gts, images, targets
+    """Run `model.predict` batch by batch exactly as at inference, but refine nothing: yields what the head's `refine`
+    would have been given for every detection (FPN levels, RoIs [R,5], coarse probabilities [R,s0,s0]), the positives
+    `pos` [P] among the RoIs and their best GT's full-image masks `gts` [P,H,W] (`matched_gt`)."""
+    from segbook.data import collate
+    head = model.head
+    handed = []
+    def keep_inputs(levels, rois, coarse_probs, return_nodes=False):   # what `refine` is given; nothing is refined
+        handed.append((levels, rois, coarse_probs))
+        return coarse_probs.new_zeros(len(rois), head.sizes[-1], head.sizes[-1])
+    n = len(ds) if max_images is None else min(max_images, len(ds))
+    with refine_replaced(model, keep_inputs):
+        for start in range(0, n, batch):
+            images, targets = collate([ds[i] for i in range(start, min(n, start + batch))])
+            images = images.to(device)
+            handed.clear()
+            model.predict(images, torch.stack([torch.as_tensor(t["size"]) for t in targets]), paste=False)
+            if not handed: continue
+            levels, rois, coarse = handed[0]
+            pos, gts = matched_gt(rois, targets, *images.shape[-2:], iou_min)
+            yield {"levels": levels, "rois": rois, "coarse": coarse, "pos": pos, "gts": gts, "images": images, "targets": targets}
+
 @torch.no_grad()
 def incoherence_scores(model, # trained MaskRCNNTransfiner or ISTRTransfiner
                        ds, # evaluation data set (`segbook.pipeline.eval_dataset`): images at test size, GT masks
@@ -626,56 +723,28 @@ def incoherence_scores(model, # trained MaskRCNNTransfiner or ISTRTransfiner
                        iou_min:float=0.5, # a detection is a positive at this IoU with a GT box (Table 3)
                        batch:int=8) -> dict: # positives, probs {mode: per level [P] float}, targets per level [P] bool, nodes, rois
     "The head's incoherence probabilities on every positive detection beside the Eq. 1 targets of its GT (Table 3)."
-    from segbook.data import collate
     head, cfg = model.head, model.cfg
     modes = list(modes or [cfg.detector_mode])
-    handed = []
-    def keep_inputs(levels, rois, coarse_probs, return_nodes=False):   # what `refine` is given; nothing is refined
-        handed.append((levels, rois, coarse_probs))
-        return coarse_probs.new_zeros(len(rois), head.sizes[-1], head.sizes[-1])
     probs, tgts = {m: [[] for _ in head.sizes] for m in modes}, [[] for _ in head.sizes]
     node_sums, n_rois = torch.zeros(len(node_thresholds), len(head.sizes)), 0
-    n = len(ds) if max_images is None else min(max_images, len(ds))
-    model.eval()
-    head.refine, topk = keep_inputs, cfg.refine_topk
-    cfg.refine_topk = None   # every detection, not only those an image's top k would refine
-    try:
-        for start in range(0, n, batch):
-            images, targets = collate([ds[i] for i in range(start, min(n, start + batch))])
-            images = images.to(device)
-            handed.clear()
-            model.predict(images, torch.stack([torch.as_tensor(t["size"]) for t in targets]), paste=False)
-            if not handed: continue
-            levels, rois, coarse = handed[0]
-            fpn, feats = head.pyramid(levels, rois)
-            inc = [x.sigmoid() for x in head.detector(feats, coarse)]
-            for k, thr in enumerate(node_thresholds):
-                nodes = select_nodes(build_quadtree([p >= t for p, t in zip(inc, thr)]), inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
-                node_sums[k] += torch.stack([(nodes.valid & (nodes.level == l)).sum() for l in range(len(head.sizes))]).cpu()
-            n_rois += len(rois)
-            H, W = images.shape[-2:]
-            pos, gts = [], []
-            for b, t in enumerate(targets):   # a loop over images: each detection's best GT of its own image
-                mine = (rois[:, 0] == b).nonzero()[:, 0]
-                keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
-                if not len(mine) or not keep.any(): continue
-                iou, idx = box_iou(rois[mine, 1:], t["boxes"][keep].to(rois)).max(1)
-                pos.append(mine[iou >= iou_min])
-                gts.append(pad_masks(t["masks"][keep].to(device), H, W)[idx[iou >= iou_min]])
-            if not pos or not sum(len(p) for p in pos): continue
-            pos, gts = torch.cat(pos), torch.cat(gts)
-            for l, t in enumerate(incoherent_pyramid(gts, rois[pos, 1:], head.sizes, cfg.incoherent_target)):
-                tgts[l].append(t.flatten().cpu())
-            for m in modes:
-                trained = head.detector.mode
-                head.detector.mode = m
-                try: maps = inc if m == trained else [x.sigmoid() for x in head.detector(feats, coarse)]
-                finally: head.detector.mode = trained
-                for l, x in enumerate(maps):
-                    probs[m][l].append(x[pos].flatten().cpu())
-    finally:
-        del head.refine   # the class's method again
-        cfg.refine_topk = topk
+    for b in matched_detections(model, ds, device, max_images, iou_min, batch):
+        levels, rois, coarse, pos, gts = b["levels"], b["rois"], b["coarse"], b["pos"], b["gts"]
+        fpn, inc = head.detect(levels, rois, coarse)
+        inc = [x.sigmoid() for x in inc]
+        for k, thr in enumerate(node_thresholds):
+            nodes = select_nodes(build_quadtree([p >= t for p, t in zip(inc, thr)]), inc, cfg.max_nodes_per_roi, cfg.max_nodes_total)
+            node_sums[k] += torch.stack([(nodes.valid & (nodes.level == l)).sum() for l in range(len(head.sizes))]).cpu()
+        n_rois += len(rois)
+        if not len(pos): continue
+        for l, t in enumerate(incoherent_pyramid(gts, rois[pos, 1:], head.sizes, cfg.incoherent_target)):
+            tgts[l].append(t.flatten().cpu())
+        for m in modes:
+            trained = head.detector.mode
+            head.detector.mode = m
+            try: maps = inc if m == trained else [x.sigmoid() for x in head.detect(levels, rois, coarse)[1]]
+            finally: head.detector.mode = trained
+            for l, x in enumerate(maps):
+                probs[m][l].append(x[pos].flatten().cpu())
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
     n_pos = sum(len(t) for t in tgts[0]) // head.sizes[0] ** 2
     return {"positives": n_pos, "targets": [cat(t).bool() for t in tgts], "probs": {m: [cat(p) for p in v] for m, v in probs.items()},
@@ -700,3 +769,56 @@ def thresholds_for_recall(scores:dict, # from `incoherence_scores`
         pos = p[t].sort(descending=True).values
         out.append(float(pos[max(0, math.ceil(recall * len(pos)) - 1)]) if len(pos) else 0.5)
     return out
+
+# %% ../nbs/08_transfiner.ipynb #5a1b4226
+@torch.no_grad()
+def incoherent_oracle(model, # trained MaskRCNNTransfiner or ISTRTransfiner
+                      ds, # evaluation data set (`segbook.pipeline.eval_dataset`)
+                      device="cpu", max_images:Optional[int]=None,
+                      iou_min:float=0.5, batch:int=8,
+                     ) -> dict: # predictions {coarse, coarse_112, oracle} (per image, box-local), image_ids, positives, percent, recall_err, accuracy, nodes
+    "Transfiner Table 1's oracle on a trained model's detections: GT labels written into the quadtree of each matched GT's incoherent cells."
+    from segbook.data import collate
+    head, cfg = model.head, model.cfg
+    sizes = head.sizes
+    preds = {k: [] for k in ("coarse", "coarse_112", "oracle")}
+    ids, sums, node_sums = [], torch.zeros(4, dtype=torch.float64), torch.zeros(len(sizes), dtype=torch.float64)
+    def oracle(levels, rois, coarse, return_nodes=False):   # the head's `refine` with a perfect detector and transformer
+        R = len(rois)
+        pos, gts = matched_gt(rois, targets, *images.shape[-2:], iou_min)
+        maps = [torch.zeros(R, s, s, dtype=torch.bool, device=rois.device) for s in sizes]
+        labels = [torch.zeros(R, s, s, device=rois.device) for s in sizes]
+        if len(pos):
+            for l, (t, s) in enumerate(zip(incoherent_pyramid(gts, rois[pos, 1:], sizes, cfg.incoherent_target), sizes)):
+                maps[l][pos] = t.bool()
+                labels[l][pos] = crop_masks(gts, rois[pos, 1:], s).float()
+        nodes = select_nodes(build_quadtree(maps))
+        if not fill:
+            return propagate(coarse, nodes._replace(valid=torch.zeros_like(nodes.valid)), torch.zeros(nodes.valid.shape, device=rois.device), sizes)
+        if len(pos):
+            ones = torch.ones(nodes.valid.shape, device=rois.device)
+            region = propagate(torch.zeros_like(coarse), nodes, ones, sizes)[pos] > 0.5          # [P,S,S] cells the nodes decide
+            up = propagate(coarse, nodes._replace(valid=torch.zeros_like(nodes.valid)), ones, sizes)[pos]
+            wrong = (up >= 0.5) != labels[-1][pos].bool()
+            sums.add_(torch.tensor([region.sum(), region.numel(), (wrong & region).sum(), wrong.sum()], dtype=torch.float64))
+            node_sums.add_(torch.tensor([float((nodes.valid[pos] & (nodes.level[pos] == l)).sum()) for l in range(len(sizes))], dtype=torch.float64))
+        return propagate(coarse, nodes, values_at_nodes(labels, nodes), sizes)
+    n = len(ds) if max_images is None else min(max_images, len(ds))
+    refine = model.refine
+    try:
+        for start in range(0, n, batch):
+            images, targets = collate([ds[i] for i in range(start, min(n, start + batch))])
+            images, seen = images.to(device), torch.stack([torch.as_tensor(t["size"]) for t in targets])
+            model.refine = False
+            preds["coarse"] += model.eval().predict(images, seen, paste=False)
+            model.refine = True
+            with refine_replaced(model, oracle):
+                for fill, key in ((False, "coarse_112"), (True, "oracle")):
+                    preds[key] += model.predict(images, seen, paste=False)
+            ids += [int(t["image_id"]) if "image_id" in t else start + j for j, t in enumerate(targets)]
+    finally:
+        model.refine = refine
+    n_pos = int(round(float(sums[1]) / sizes[-1] ** 2))
+    return {"predictions": preds, "image_ids": ids, "positives": n_pos,
+            "percent": float(sums[0] / sums[1].clamp(min=1)), "recall_err": float(sums[2] / sums[3].clamp(min=1)),
+            "accuracy": float(1 - sums[2] / sums[0].clamp(min=1)), "nodes": (node_sums / max(n_pos, 1)).tolist()}

