@@ -439,3 +439,13 @@ def test_sum_fusion_sees_the_coarse_cue_beside_loud_features():
     accuracy after 200 Adam steps on labels that are exactly the coarse mask."""
     acc_sum, acc_concat = _fit_coarse_labels("sum"), _fit_coarse_labels("concat")
     assert acc_sum > 0.9 and acc_sum > acc_concat + 0.1, (acc_sum, acc_concat)
+
+
+def test_refined_detections_top_k_and_score_gate():
+    from segbook.transfiner import refined_detections
+    rois = torch.tensor([[0, 0, 0, 1, 1.]] * 3 + [[1, 0, 0, 1, 1.]] * 2)   # image 0: three detections, image 1: two
+    scores = torch.tensor([0.9, 0.6, 0.2, 0.4, 0.3])
+    assert refined_detections(rois, scores) is None                                      # the paper: every detection
+    assert refined_detections(rois, scores, 2).tolist() == [True, True, False, True, True]
+    assert refined_detections(rois, scores, 2, 0.5).tolist() == [True, True, False, False, False]
+    assert refined_detections(rois, scores, None, 0.35).tolist() == [True, True, False, True, False]

@@ -506,6 +506,12 @@ class TransfinerHead(nn.Module):
 # and the 28² class-specific coarse logits (output of the mask predictor), and the GT of each positive is recovered as
 # its argmax-IoU box, which is what the matcher chose (IoU ≥ 0.5). `model_type: maskrcnn` is the same model without the
 # head. The ISTR-based variant (`detector: istr`) follows in the next section.
+#
+# At inference the head refines the detections `refined_detections` picks: every one (the paper), the `refine_topk` best
+# of each image (the official code's LIMIT = 10), and optionally only those scoring at least `refine_min_score` — a
+# switch of this book, not of either paper: refinement costs in proportion to the RoIs it is handed, and on a data set
+# with two objects an image, the top 10 are mostly low-scoring duplicates and background. The rest keep their coarse
+# mask, bilinearly up-sampled.
 
 # %%
 #| export
