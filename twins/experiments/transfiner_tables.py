@@ -118,8 +118,9 @@ else:
         if p.returncode: raise RuntimeError(f"{' '.join(args[2:])} failed ({p.returncode}):\n{p.stderr[-1500:]}")
 
 def model_of(run:Path):
+    data = Path(load_config(run / "config.yaml").data.root)   # a relative root is relative to the repository (segbook train's cwd)
     cfg = load_config(run / "config.yaml", [f"model.refine_topk={refine_topk}", f"model.max_nodes_per_roi={max_nodes_per_roi}",
-                                            f"model.pretrained={WEIGHTS}"])
+                                            f"model.pretrained={WEIGHTS}", f"data.root={data if data.is_absolute() else _repo_root() / data}"])
     model = build_model(cfg); load_weights(model, run / "last.pt", verbose=False)
     return cfg, model.to(dev).eval()
 
