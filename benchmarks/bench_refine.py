@@ -37,11 +37,11 @@ import torch.nn.functional as F
 
 from segbook.bench import time_alternately
 from segbook.data import collate
-from segbook.gather import _corners
+from segbook.gather import _corners, gather_points
 from segbook.pipeline import eval_dataset, load_trained, unpasted
 from segbook.quadtree import build_quadtree, propagate, select_nodes, trim_padding
 from segbook.reproduce import write_json_atomic
-from segbook.transfiner import incoherence_scores, roi_pyramid_features, thresholds_for_recall
+from segbook.transfiner import NEIGHBOURS, fpn_strides, incoherence_scores, roi_pyramid_features, thresholds_for_recall
 
 
 def median_ms(fn, repeats):
@@ -118,7 +118,6 @@ def main(argv=None):
     fns = {"coarse": predictor(False, None), **{f"refined (min_score={g})": predictor(True, g) for g in gates}}
     per_image = {n: [] for n in fns}
     peak = {n: [] for n in fns}
-    refined_rois = {n: 0 for n in fns}
     for x in inputs:
         res = time_alternately(fns, x, a.repeats, warmup=1, device=device)
         for n, r in res.items():
@@ -163,13 +162,11 @@ def main(argv=None):
             # the encoder's gather: every token's 3x3 neighbourhood on its own grid and FPN level
             R, K = nodes.valid.shape
             size = torch.tensor(head.sizes, device=rois.device)[nodes.level]
-            from segbook.transfiner import NEIGHBOURS, fpn_strides
             offs = NEIGHBOURS.to(rois.device)
             yx = torch.minimum((nodes.yx[:, :, None] + offs).clamp(min=0), (size - 1)[..., None, None]).reshape(-1, 2)
             lvl = (fpn.gather(1, nodes.level) - 2)[:, :, None].expand(R, K, 9).reshape(-1)
             roi = nodes.roi[:, :, None].expand(R, K, 9).reshape(-1)
             gs = size[:, :, None].expand(R, K, 9).reshape(-1)
-            from segbook.gather import gather_points
             args = (rois, gs, yx, roi, fpn_strides(levels))
             fixes["node_features"]["before"].append(median_ms(lambda: gather_indexed(levels, fpn_strides(levels), rois, yx, roi, lvl, gs), reps))
             fixes["node_features"]["after"].append(median_ms(lambda: gather_points(levels, *args, node_level=lvl, backend="torch"), reps))
