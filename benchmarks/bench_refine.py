@@ -3,24 +3,30 @@
 For each of the first --images val images at batch 1, `model.predict` (box-local masks, as `segbook eval` calls it)
 with `refine` off (the coarse 28² masks) and on, called alternately (`segbook.bench.time_alternately`, one warm-up
 round), for each refinement setting: the official code's top-10 detections per image (`refine_topk`), optionally
-gated by detection score (`refine_min_score`, this book's switch). Reports the median per-image time of each, the
+gated by detection score (`refine_min_score`, this book's switch), each with one attention sequence per RoI (the
+paper) or with interleaved sequences of at most --sequence-tokens tokens (`sequence_tokens`, this book's switch, not
+exact). Reports the median per-image time of each, the
 ratio refined / coarse (of the per-image medians summed over the images), and the peak memory of one call above its
 start (CPU: VmHWM after a reset; CUDA: max_memory_allocated).
 
 Then, on the RoIs the head was handed for those images: where the refinement time goes (detector, quadtree and node
-selection, node encoder, transformer, propagation), and what each of the three rewrites of this session buys, the
-previous implementation timed beside the current one on the same inputs:
+selection, node encoder, transformer, propagation), and what each rewrite buys, the previous implementation timed
+beside the current one on the same inputs:
 - transformer: `nn.TransformerEncoder`'s own forward (masked-softmax attention) vs `encoder_layer`
   (`F.scaled_dot_product_attention`, the same weights);
 - node features: the corner rows indexed into [M,4,C] and summed vs `F.embedding_bag` (`segbook.gather`);
 - detector's finer levels: dense RoIAlign of all C channels at 56² / 112² then the 1x1 fuse conv vs the conv's
-  feature half applied to the FPN maps first and one channel pooled.
+  feature half applied to the FPN maps first and one channel pooled;
+- detector's RoI pooling: every RoI pooled on every FPN level and selected (sync-free, the CUDA path) vs each RoI
+  pooled on its own level only (`roi_pyramid_features(per_level=True)`, the CPU path);
+- attention sequences (not exact, a switch): one sequence of K tokens per RoI vs interleaved sequences of at most
+  S tokens (`sequence_tokens`).
 
 The detector's thresholds: --thresholds (one per level), or chosen on --calib-images training images to reach
 --calib-recall (as nbs/experiments/transfiner_large.ipynb does).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_refine.py --checkpoint RUN/last.pt [--images 20] [--repeats 3]
-        [--min-scores none,0.5] [--thresholds 0.24,0.10,0.03 | --calib-images 100] [--out PATH]
+        [--min-scores none,0.5] [--sequence-tokens none,192] [--thresholds 0.24,0.10,0.03 | --calib-images 100] [--out PATH]
 """
 import argparse
 import json
@@ -30,11 +36,13 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import segbook.transfiner as transfiner
 from segbook.bench import time_alternately
 from segbook.data import collate
 from segbook.gather import _corners, gather_points
@@ -70,7 +78,7 @@ def gather_indexed(feats, scales, boxes, node_yx, node_roi, node_level, grid_siz
 
 def detector_dense(det, levels, rois, fpn, coarse, sizes):
     "The previous detector: every channel pooled densely on every grid, then Fig. 5's 1x1 fuse conv."
-    feats = [roi_pyramid_features(levels, rois, fpn[:, l], s) for l, s in enumerate(sizes)]
+    feats = [roi_pyramid_features(levels, rois, fpn[:, l], s, per_level=False) for l, s in enumerate(sizes)]
     out = [det.trunk(torch.cat([feats[0], coarse[:, None]], 1))[:, 0]]
     for l in range(1, len(sizes)):
         up = F.interpolate(out[-1][:, None], size=(sizes[l], sizes[l]), mode="nearest")
@@ -88,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--refine-topk", type=int, default=10)
     ap.add_argument("--max-nodes", type=int, default=1024)
     ap.add_argument("--min-scores", default="none", help="comma-separated refine_min_score settings ('none' = no gate)")
+    ap.add_argument("--sequence-tokens", default="none", help="comma-separated sequence_tokens settings ('none' = one sequence per RoI)")
     ap.add_argument("--thresholds", default=None, help="detector thresholds per level, e.g. 0.24,0.10,0.03")
     ap.add_argument("--calib-images", type=int, default=100)
     ap.add_argument("--calib-recall", type=float, default=0.86)
@@ -108,14 +117,16 @@ def main(argv=None):
     images = [collate([val[i]]) for i in range(min(a.images, len(val)))]
     inputs = [(im.to(device), torch.stack([t["size"] for t in tg]).to(device)) for im, tg in images]
     gates = [None if g.strip().lower() == "none" else float(g) for g in a.min_scores.split(",")]
+    seqs = [None if v.strip().lower() == "none" else int(v) for v in a.sequence_tokens.split(",")]
 
-    def predictor(refine, gate):
+    def predictor(refine, gate, seq=None):
         def fn(x):
-            model.refine, tc.refine_min_score = refine, gate
+            model.refine, tc.refine_min_score, tc.sequence_tokens = refine, gate, seq
             return model.predict(x[0], x[1], x[1], **unpasted(model))
         return fn
 
-    fns = {"coarse": predictor(False, None), **{f"refined (min_score={g})": predictor(True, g) for g in gates}}
+    name = lambda g, S: f"refined (min_score={g})" if S is None else f"refined (min_score={g}, sequence_tokens={S})"
+    fns = {"coarse": predictor(False, None), **{name(g, S): predictor(True, g, S) for g in gates for S in seqs}}
     per_image = {n: [] for n in fns}
     peak = {n: [] for n in fns}
     for x in inputs:
@@ -137,8 +148,20 @@ def main(argv=None):
     with torch.inference_mode():
         for x in inputs: predictor(True, gates[0])(x)
     del head.refine
-    stages = {k: [] for k in ("detector", "quadtree_and_selection", "node_encoder", "transformer", "propagation")}
-    fixes = {k: {"before": [], "after": []} for k in ("transformer", "node_features", "detector")}
+    stages = {k: [] for k in ("detector", "quadtree_and_selection", "node_encoder", "transformer", "propagation",
+                              *(f"transformer (sequence_tokens={S})" for S in seqs if S is not None))}
+    fixes = {k: {"before": [], "after": []} for k in ("transformer", "node_features", "detector", "detector_roi_pooling",
+                                                      *(f"sequence_tokens={S}" for S in seqs if S is not None))}
+    every_level = partial(transfiner.roi_pyramid_features, per_level=False)
+
+    def pooled_on_every_level(fn):   # the detector with its sync-free pooling (every RoI on every level, then selected)
+        def run():
+            own, transfiner.roi_pyramid_features = transfiner.roi_pyramid_features, every_level
+            try:
+                return fn()
+            finally:
+                transfiner.roi_pyramid_features = own
+        return run
     nodes_per_level, rois_refined, tokens = torch.zeros(len(head.sizes)), 0, []
     reps = max(1, a.repeats)
     with torch.inference_mode():
@@ -155,6 +178,14 @@ def main(argv=None):
             stages["node_encoder"].append(median_ms(lambda: head.encoder(levels, rois, fpn, nodes, coarse, head.sizes), reps))
             stages["transformer"].append(median_ms(lambda: head.transformer(tok, nodes.valid), reps))
             stages["propagation"].append(median_ms(lambda: propagate(coarse, nodes, vals, head.sizes, tc.propagation), reps))
+            for S in seqs:
+                if S is not None:
+                    stages[f"transformer (sequence_tokens={S})"].append(median_ms(lambda: head.transformer(tok, nodes.valid, S), reps))
+                    fixes[f"sequence_tokens={S}"]["before"].append(stages["transformer"][-1])
+                    fixes[f"sequence_tokens={S}"]["after"].append(stages[f"transformer (sequence_tokens={S})"][-1])
+            detect = lambda: head.detector(levels, rois, fpn, coarse, head.sizes)
+            fixes["detector_roi_pooling"]["before"].append(median_ms(pooled_on_every_level(detect), reps))
+            fixes["detector_roi_pooling"]["after"].append(stages["detector"][-1])
             tr = head.transformer
             pad = ~nodes.valid & nodes.valid.any(1, keepdim=True)
             fixes["transformer"]["before"].append(median_ms(lambda: tr.decoder(tr.encoder(tok, src_key_padding_mask=pad)), reps))
@@ -189,7 +220,8 @@ def main(argv=None):
         "loadavg_1min_at_start": round(load_start, 2), "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
         "git_commit": commit, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checkpoint": str(a.checkpoint), "data": str(cfg.data.root), "images": n, "batch": 1, "repeats": a.repeats,
-        "refine_topk": a.refine_topk, "max_nodes_per_roi": a.max_nodes, "inc_threshold": [round(t, 6) for t in thr],
+        "refine_topk": a.refine_topk, "max_nodes_per_roi": a.max_nodes, "sequence_tokens": seqs,
+        "inc_threshold": [round(t, 6) for t in thr],
         "settings": settings, "target_ratio": 1.3,
         "refined_rois_per_image": round(rois_refined / n, 2), "tokens_per_roi_padded_mean": round(statistics.fmean(tokens), 1) if tokens else 0,
         "nodes_per_refined_roi": [round(float(v) / max(1, rois_refined), 1) for v in nodes_per_level],

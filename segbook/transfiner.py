@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
            'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'encoder_layer',
-           'RefinementTransformer', 'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image',
-           'refined_detections', 'pad_masks', 'MaskRCNNTransfiner', 'istr_config', 'clip_to_images', 'query_masks',
-           'topk_pairs', 'ISTRTransfiner', 'build_transfiner', 'refine_replaced', 'matched_gt', 'matched_detections',
-           'incoherence_scores', 'detector_recall', 'thresholds_for_recall', 'incoherent_oracle']
+           'interleave_sequences', 'merge_sequences', 'RefinementTransformer', 'TransfinerHead',
+           'build_torchvision_maskrcnn', 'top_per_image', 'refined_detections', 'pad_masks', 'MaskRCNNTransfiner',
+           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner',
+           'refine_replaced', 'matched_gt', 'matched_detections', 'incoherence_scores', 'detector_recall',
+           'thresholds_for_recall', 'incoherent_oracle']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
@@ -77,6 +78,8 @@ class TransfinerConfig:
     max_nodes_total: Optional[int] = 65536    #   None = all detected nodes (paper; up to 16464 per RoI at 28/56/112)
     refine_topk: Optional[int] = None # detections refined per image at test, best first; None = all (paper); code: 10
     refine_min_score: Optional[float] = None  # ... and only those scoring at least this (this book's switch; None = no gate)
+    sequence_tokens: Optional[int] = None     # attention within interleaved sequences of ≤ this many tokens (this book's
+                                              #   switch, e.g. the training length levels × nodes_per_level); None = one per RoI
     # refinement transformer (§3.3)
     node_feature: bool = True         # Table 4 switches: fine-grained FPN feature at the node
     node_coarse: bool = True          #   coarse mask probability at the node
@@ -101,7 +104,7 @@ class TransfinerConfig:
                    rpn_pre_nms_top_n_test=POSITIVE, rpn_post_nms_top_n_test=POSITIVE, box_score_thresh=PROB, sizes=POSITIVE,
                    first_offset=NONNEG, detector_dim=POSITIVE, inc_threshold=PROB, nodes_per_level=POSITIVE,
                    min_nodes=NONNEG, max_train_rois=POSITIVE, max_nodes_per_roi=POSITIVE, max_nodes_total=POSITIVE,
-                   refine_topk=POSITIVE, refine_min_score=PROB, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
+                   refine_topk=POSITIVE, refine_min_score=PROB, sequence_tokens=POSITIVE, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
                    w_detect=NONNEG, w_coarse=NONNEG, w_refine=NONNEG, w_incoherent=NONNEG)
 
     @classmethod
@@ -122,8 +125,19 @@ def roi_pyramid_features(levels:list, # P2..P5 [B,d,H_l,W_l]
                          rois:torch.Tensor, # [R,5] (batch_idx, x1, y1, x2, y2) input pixels
                          fpn_level:torch.Tensor, # [R] FPN level number k (2..5) of each RoI for this grid
                          size:int, # grid side s
+                         per_level:Optional[bool]=None, # pool each RoI on its own level only (one host sync per level);
+                                                         #   None: on the CPU, where a sync is cheap and pooling is not
                         ) -> torch.Tensor: # [R,d,s,s]
-    "Dense RoIAlign of every RoI on its own FPN level (pooled from each level, selected without a host sync)."
+    "Dense RoIAlign of every RoI on its own FPN level (on CUDA: pooled from each level, selected without a host sync)."
+    if per_level is None:
+        per_level = not rois.is_cuda
+    if per_level:
+        out = levels[0].new_zeros(len(rois), levels[0].shape[1], size, size)
+        for i, (f, sc) in enumerate(zip(levels, fpn_strides(levels))):
+            idx = (fpn_level == i + 2).nonzero()[:, 0]
+            if len(idx):
+                out = out.index_copy(0, idx, roi_align(f, rois[idx].to(f.dtype), (size, size), sc, 1, True))
+        return out
     out = None
     for i, (f, sc) in enumerate(zip(levels, fpn_strides(levels))):
         pooled = roi_align(f, rois.to(f.dtype), (size, size), sc, 1, True)
@@ -280,6 +294,20 @@ def encoder_layer(layer:nn.TransformerEncoderLayer, # post-norm (norm_first=Fals
     x = layer.norm1(x + layer.dropout1(mha.out_proj(a.transpose(1, 2).reshape(R, K, d))))
     return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
 
+def interleave_sequences(x:torch.Tensor, # [R,K,...] one sequence per RoI
+                         n:int, # sequences per RoI
+                        ) -> torch.Tensor: # [R*n,⌈K/n⌉,...]: sequence j of RoI r holds its tokens j, j+n, j+2n, … (zero-padded)
+    "Deal each RoI's K tokens into n interleaved sequences (token i to sequence i mod n); `merge_sequences` undoes it."
+    R, K = x.shape[:2]
+    L = -(-K // n)
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * L - K))
+    return x.view(R, L, n, *x.shape[2:]).transpose(1, 2).reshape(R * n, L, *x.shape[2:])
+
+def merge_sequences(y:torch.Tensor, # [R*n,L,...] from `interleave_sequences`
+                    n:int, K:int) -> torch.Tensor: # [R,K,...] each token back at its place in its RoI's sequence
+    L = y.shape[1]
+    return y.view(-1, n, L, *y.shape[2:]).transpose(1, 2).reshape(-1, n * L, *y.shape[2:])[:, :K]
+
 class RefinementTransformer(nn.Module):
     "Sequence encoder (post-norm DETR-style layers over all levels of an RoI) + pixel decoder (2-layer MLP → logit)."
     def __init__(self, d:int=256, heads:int=4, layers:int=3, ffn:int=2048, dropout:float=0.1):
@@ -292,12 +320,18 @@ class RefinementTransformer(nn.Module):
 
     def forward(self, tokens:torch.Tensor, # [R,K,d]
                 valid:torch.Tensor, # [R,K] bool
+                sequence_tokens:Optional[int]=None, # attend within interleaved sequences of ≤ this many tokens; None = all K
                ) -> torch.Tensor: # [R,K] refined mask logits
+        R, K = valid.shape
+        n = 1 if sequence_tokens is None else -(-K // sequence_tokens)
+        if n > 1:
+            tokens, valid = interleave_sequences(tokens, n), interleave_sequences(valid, n)
         attend = valid | ~valid.any(1, keepdim=True)  # an all-padding row attends to every token (output unused): no NaN
         x = tokens
         for layer in self.encoder.layers:
             x = encoder_layer(layer, x, attend)
-        return self.decoder(x)[..., 0]
+        logits = self.decoder(x)[..., 0]
+        return merge_sequences(logits, n, K) if n > 1 else logits
 
 # %% ../nbs/08_transfiner.ipynb #5542b088
 class TransfinerHead(nn.Module):
@@ -320,7 +354,7 @@ class TransfinerHead(nn.Module):
 
     def node_logits(self, levels, rois, fpn, nodes, coarse_probs) -> torch.Tensor: # [R,K]
         tokens = self.encoder(levels, rois, fpn, nodes, coarse_probs, self.sizes)
-        return self.transformer(tokens, nodes.valid)
+        return self.transformer(tokens, nodes.valid, self.cfg.sequence_tokens)
 
     def loss(self, levels:list, # P2..P5
              rois:torch.Tensor, # [R,5] positive boxes with batch index

@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: python3
 #     language: python
@@ -99,6 +99,8 @@ class TransfinerConfig:
     max_nodes_total: Optional[int] = 65536    #   None = all detected nodes (paper; up to 16464 per RoI at 28/56/112)
     refine_topk: Optional[int] = None # detections refined per image at test, best first; None = all (paper); code: 10
     refine_min_score: Optional[float] = None  # ... and only those scoring at least this (this book's switch; None = no gate)
+    sequence_tokens: Optional[int] = None     # attention within interleaved sequences of ≤ this many tokens (this book's
+                                              #   switch, e.g. the training length levels × nodes_per_level); None = one per RoI
     # refinement transformer (§3.3)
     node_feature: bool = True         # Table 4 switches: fine-grained FPN feature at the node
     node_coarse: bool = True          #   coarse mask probability at the node
@@ -123,7 +125,7 @@ class TransfinerConfig:
                    rpn_pre_nms_top_n_test=POSITIVE, rpn_post_nms_top_n_test=POSITIVE, box_score_thresh=PROB, sizes=POSITIVE,
                    first_offset=NONNEG, detector_dim=POSITIVE, inc_threshold=PROB, nodes_per_level=POSITIVE,
                    min_nodes=NONNEG, max_train_rois=POSITIVE, max_nodes_per_roi=POSITIVE, max_nodes_total=POSITIVE,
-                   refine_topk=POSITIVE, refine_min_score=PROB, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
+                   refine_topk=POSITIVE, refine_min_score=PROB, sequence_tokens=POSITIVE, d_model=POSITIVE, heads=POSITIVE, layers=POSITIVE, ffn=POSITIVE, dropout=PROB,
                    w_detect=NONNEG, w_coarse=NONNEG, w_refine=NONNEG, w_incoherent=NONNEG)
 
     @classmethod
@@ -161,8 +163,19 @@ def roi_pyramid_features(levels:list, # P2..P5 [B,d,H_l,W_l]
                          rois:torch.Tensor, # [R,5] (batch_idx, x1, y1, x2, y2) input pixels
                          fpn_level:torch.Tensor, # [R] FPN level number k (2..5) of each RoI for this grid
                          size:int, # grid side s
+                         per_level:Optional[bool]=None, # pool each RoI on its own level only (one host sync per level);
+                                                         #   None: on the CPU, where a sync is cheap and pooling is not
                         ) -> torch.Tensor: # [R,d,s,s]
-    "Dense RoIAlign of every RoI on its own FPN level (pooled from each level, selected without a host sync)."
+    "Dense RoIAlign of every RoI on its own FPN level (on CUDA: pooled from each level, selected without a host sync)."
+    if per_level is None:
+        per_level = not rois.is_cuda
+    if per_level:
+        out = levels[0].new_zeros(len(rois), levels[0].shape[1], size, size)
+        for i, (f, sc) in enumerate(zip(levels, fpn_strides(levels))):
+            idx = (fpn_level == i + 2).nonzero()[:, 0]
+            if len(idx):
+                out = out.index_copy(0, idx, roi_align(f, rois[idx].to(f.dtype), (size, size), sc, 1, True))
+        return out
     out = None
     for i, (f, sc) in enumerate(zip(levels, fpn_strides(levels))):
         pooled = roi_align(f, rois.to(f.dtype), (size, size), sc, 1, True)
@@ -357,6 +370,15 @@ class NodeEncoder(nn.Module):
 # GPU) instead of `nn.MultiheadAttention`'s masked-softmax path, which costs 6× more on one CPU thread at the
 # K ≈ 900 tokens an RoI holds at inference (108 vs 636 ms for 10 RoIs, two layers, d = 64). The check below holds
 # the two to float rounding.
+#
+# **Sequence length at test** (`sequence_tokens`, this book's switch; `None` = one sequence per RoI, as the paper).
+# Training sequences hold `levels × nodes_per_level` tokens (3 × 100 in the paper's supplement, 3 × 64 in the CPU
+# config), but at test an RoI can hold a thousand nodes, and attention costs K² per RoI. With `sequence_tokens = S`,
+# an RoI's K tokens are dealt into n = ⌈K/S⌉ interleaved sequences (token i to sequence i mod n). Tokens are sorted
+# coarse to fine and in raster order within a level, so every sequence holds nodes of all three levels spread over
+# the whole RoI, as the random training subsets do. Attention then costs K²/n per RoI. This is not exact: a node
+# attends to the nodes of its own sequence only. The chapter's experiments measure what it changes (mask AP and
+# boundary AP, nbs/experiments/transfiner_tables.ipynb).
 
 # %%
 #| export
@@ -373,6 +395,20 @@ def encoder_layer(layer:nn.TransformerEncoderLayer, # post-norm (norm_first=Fals
     x = layer.norm1(x + layer.dropout1(mha.out_proj(a.transpose(1, 2).reshape(R, K, d))))
     return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
 
+def interleave_sequences(x:torch.Tensor, # [R,K,...] one sequence per RoI
+                         n:int, # sequences per RoI
+                        ) -> torch.Tensor: # [R*n,⌈K/n⌉,...]: sequence j of RoI r holds its tokens j, j+n, j+2n, … (zero-padded)
+    "Deal each RoI's K tokens into n interleaved sequences (token i to sequence i mod n); `merge_sequences` undoes it."
+    R, K = x.shape[:2]
+    L = -(-K // n)
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * L - K))
+    return x.view(R, L, n, *x.shape[2:]).transpose(1, 2).reshape(R * n, L, *x.shape[2:])
+
+def merge_sequences(y:torch.Tensor, # [R*n,L,...] from `interleave_sequences`
+                    n:int, K:int) -> torch.Tensor: # [R,K,...] each token back at its place in its RoI's sequence
+    L = y.shape[1]
+    return y.view(-1, n, L, *y.shape[2:]).transpose(1, 2).reshape(-1, n * L, *y.shape[2:])[:, :K]
+
 class RefinementTransformer(nn.Module):
     "Sequence encoder (post-norm DETR-style layers over all levels of an RoI) + pixel decoder (2-layer MLP → logit)."
     def __init__(self, d:int=256, heads:int=4, layers:int=3, ffn:int=2048, dropout:float=0.1):
@@ -385,12 +421,18 @@ class RefinementTransformer(nn.Module):
 
     def forward(self, tokens:torch.Tensor, # [R,K,d]
                 valid:torch.Tensor, # [R,K] bool
+                sequence_tokens:Optional[int]=None, # attend within interleaved sequences of ≤ this many tokens; None = all K
                ) -> torch.Tensor: # [R,K] refined mask logits
+        R, K = valid.shape
+        n = 1 if sequence_tokens is None else -(-K // sequence_tokens)
+        if n > 1:
+            tokens, valid = interleave_sequences(tokens, n), interleave_sequences(valid, n)
         attend = valid | ~valid.any(1, keepdim=True)  # an all-padding row attends to every token (output unused): no NaN
         x = tokens
         for layer in self.encoder.layers:
             x = encoder_layer(layer, x, attend)
-        return self.decoder(x)[..., 0]
+        logits = self.decoder(x)[..., 0]
+        return merge_sequences(logits, n, K) if n > 1 else logits
 
 
 # %% [markdown]
@@ -432,7 +474,7 @@ class TransfinerHead(nn.Module):
 
     def node_logits(self, levels, rois, fpn, nodes, coarse_probs) -> torch.Tensor: # [R,K]
         tokens = self.encoder(levels, rois, fpn, nodes, coarse_probs, self.sizes)
-        return self.transformer(tokens, nodes.valid)
+        return self.transformer(tokens, nodes.valid, self.cfg.sequence_tokens)
 
     def loss(self, levels:list, # P2..P5
              rois:torch.Tensor, # [R,5] positive boxes with batch index
@@ -1075,6 +1117,9 @@ with torch.no_grad():
     up = F.interpolate(inc[0][:, None], size=(56, 56), mode="nearest")
     fig5 = head.detector.fuse[0](torch.cat([roi_pyramid_features(levels, rois, fpn[:, 1], 56), up.sigmoid()], 1))[:, 0] + up[:, 0]
 assert torch.allclose(inc[1], fig5, atol=1e-5)
+for lv in (fpn[:, 1], torch.tensor([2, 3, 4, 5]), torch.tensor([5, 5, 3, 3])):  # the CPU path (each RoI pooled on its
+    per, every = (roi_pyramid_features(levels, rois, lv, 28, per_level=p) for p in (True, False))  # own level only) =
+    assert torch.equal(per, every)                                                 # pooling every level, then selecting
 m = incoherence_metrics(torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.tensor([1, 0, 1, 0], dtype=torch.bool))
 assert float(m["recall"]) == 0.5 and float(m["accuracy"]) == 0.5
 # consistency: if the transformer returned the coarse values at the nodes, propagation returns the coarse mask
@@ -1087,6 +1132,15 @@ tok, val = torch.randn(3, 50, 32), torch.arange(50)[None] < torch.tensor([[50], 
 with torch.no_grad():
     ours, theirs = tr(tok, val), tr.decoder(tr.encoder(tok, src_key_padding_mask=~val & val.any(1, keepdim=True)))[..., 0]
 assert torch.allclose(ours[val], theirs[val], atol=1e-5) and torch.isfinite(ours).all()
+# interleaved sequences: a round trip is the identity, sequence j holds tokens j, j+n, …, and a length ≥ K changes nothing
+x = torch.arange(2 * 7).view(2, 7)
+assert interleave_sequences(x, 3)[0].tolist() == [0, 3, 6] and interleave_sequences(x, 3)[4].tolist() == [8, 11, 0]
+assert torch.equal(merge_sequences(interleave_sequences(tok, 4), 4, 50), tok)
+with torch.no_grad():
+    assert torch.equal(tr(tok, val, sequence_tokens=50), ours)
+    split = tr(tok, val, sequence_tokens=17)            # 3 sequences of 17 per RoI: each token sees a third of its RoI
+    alone = tr(tok[:1, 1::3], val[:1, 1::3])            # RoI 0's second sequence, run by itself
+assert torch.allclose(split[0, 1::3], alone[0], atol=1e-5) and not torch.allclose(split[val], ours[val], atol=1e-3)
 
 # %% [markdown]
 # A few dozen steps of the head alone (the detector's L_Inc + L_Refine, weighted 0.5 and 1) on these four RoIs; the
