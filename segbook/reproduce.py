@@ -7,7 +7,7 @@ parameters of one profile, and gather its figures, tables and a stamped `results
 __all__ = ['EXPERIMENTS', 'PROFILES', 'GPU_CHUNKS', 'VERDICTS', 'git_stamp', 'device_stamp', 'run_notebook', 'fresh_figures_dir',
            'shapes_mismatch', 'merge_profile_results', 'reproduce_command', 'ranking_verdict', 'threshold_verdict',
            'band_verdict', 'merge_claims', 'claims_markdown', 'experiment_context', 'size_ranges', 'write_table',
-           'schedule_overrides', 'logged', 'seconds_per_iter', 'shared_run_dir', 'train_istr_variant',
+           'schedule_overrides', 'logged', 'run_finished', 'seconds_per_iter', 'shared_run_dir', 'train_istr_variant',
            'train_istr_variants']
 
 # %% ../nbs/12_reproduce.ipynb #bc871c1a
@@ -409,6 +409,18 @@ def logged(run_dir, key:str) -> list:
     "Every value of `key` in the training lines the engine wrote to `run_dir`/metrics.jsonl, in order ([] without the file)."
     path = Path(run_dir) / "metrics.jsonl"
     return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r] if path.exists() else []
+
+def run_finished(run_dir, # a `segbook train` output folder
+                 evaluated:bool=False, # also require the engine's evaluation record
+                ) -> bool:
+    "Whether the run has its last.pt and logged the last iteration of its own config's schedule (and, if asked, an evaluation)."
+    from segbook.config import load_config
+    run = Path(run_dir)
+    if not (run / "last.pt").exists() or not (run / "metrics.jsonl").exists() or not (run / "config.yaml").exists():
+        return False
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    done = max((r.get("iter", 0) for r in recs), default=0) == load_config(run / "config.yaml").solver.max_iters
+    return done and (not evaluated or any("eval" in r for r in recs))
 
 def seconds_per_iter(run_dir) -> float|None:
     "Median of the per-iteration times the engine logged (metrics.jsonl `time`), None when nothing was logged."

@@ -74,3 +74,18 @@ def test_shapes_made_for_another_profile_is_not_reused(tmp_path):
     assert "'large'" in shapes_mismatch(tmp_path, seed=0, n_train=3, n_val=2, size=64, preset="large")
     assert "seed" in shapes_mismatch(tmp_path, seed=1, n_train=3, n_val=2, size=64)
     assert "no instances_train.json" in shapes_mismatch(tmp_path / "none", seed=0, n_train=3, n_val=2, size=64)
+
+def test_run_finished_needs_the_last_iteration_of_its_own_schedule(tmp_path):
+    from segbook.reproduce import run_finished
+    run = tmp_path / "run"; run.mkdir()
+    assert not run_finished(run)                                   # nothing there
+    (run / "config.yaml").write_text("solver:\n  max_iters: 20\n")
+    (run / "last.pt").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text('{"iter": 10, "loss": 1.0}\n')
+    assert not run_finished(run)                                   # killed half-way: resume, don't reuse
+    (run / "metrics.jsonl").write_text('{"iter": 10, "loss": 1.0}\n{"iter": 20, "loss": 0.5}\n')
+    assert run_finished(run) and not run_finished(run, evaluated=True)
+    (run / "metrics.jsonl").write_text('{"iter": 20, "loss": 0.5}\n{"iter": 20, "eval": {"segm_AP": 0.1}}\n')
+    assert run_finished(run, evaluated=True)
+    (run / "last.pt").unlink()
+    assert not run_finished(run, evaluated=True)                   # no checkpoint, nothing to evaluate

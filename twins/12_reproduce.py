@@ -543,6 +543,18 @@ def logged(run_dir, key:str) -> list:
     path = Path(run_dir) / "metrics.jsonl"
     return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r] if path.exists() else []
 
+def run_finished(run_dir, # a `segbook train` output folder
+                 evaluated:bool=False, # also require the engine's evaluation record
+                ) -> bool:
+    "Whether the run has its last.pt and logged the last iteration of its own config's schedule (and, if asked, an evaluation)."
+    from segbook.config import load_config
+    run = Path(run_dir)
+    if not (run / "last.pt").exists() or not (run / "metrics.jsonl").exists() or not (run / "config.yaml").exists():
+        return False
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    done = max((r.get("iter", 0) for r in recs), default=0) == load_config(run / "config.yaml").solver.max_iters
+    return done and (not evaluated or any("eval" in r for r in recs))
+
 def seconds_per_iter(run_dir) -> float|None:
     "Median of the per-iteration times the engine logged (metrics.jsonl `time`), None when nothing was logged."
     ts = logged(run_dir, "time")

@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from segbook.config import load_config
 from segbook.pipeline import build_model, eval_dataset, load_weights
-from segbook.reproduce import (_repo_root, experiment_context, seconds_per_iter, shapes_mismatch, threshold_verdict,
+from segbook.reproduce import (_repo_root, experiment_context, run_finished, seconds_per_iter, shapes_mismatch, threshold_verdict,
                                write_json_atomic, write_table)
 from segbook.shapes import write_shapes_dataset
 from segbook.transfiner import detector_recall, incoherence_scores, thresholds_for_recall
@@ -110,10 +110,7 @@ def run_logged(args:list, log:Path) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), **(json.loads(lines[-1]) if lines else {})}
 
 runs = {(d, s): ctx.out / "runs" / f"{d}_s{s}" for d in detectors for s in seeds}
-def finished(run:Path) -> bool:   # trained to the end of its schedule and evaluated there (the engine's last record)
-    if not (run / "last.pt").exists() or not (run / "metrics.jsonl").exists(): return False
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return any("eval" in r for r in recs) and max(r.get("iter", 0) for r in recs) == load_config(run / "config.yaml").solver.max_iters
+finished = lambda run: run_finished(run, evaluated=True)   # trained to the end of its schedule and evaluated there
 
 def train_one(key):
     d, s = key

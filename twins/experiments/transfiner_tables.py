@@ -71,7 +71,7 @@ from segbook.config import load_config
 from segbook.engine import dist_info, resolve_device
 from segbook.pipeline import build_model, eval_dataset, load_weights
 from segbook.quadtree import build_quadtree, propagate, roi_pyramid_levels, select_nodes, trim_padding
-from segbook.reproduce import (size_ranges, experiment_context, ranking_verdict, seconds_per_iter, shapes_mismatch,
+from segbook.reproduce import (size_ranges, experiment_context, ranking_verdict, run_finished, seconds_per_iter, shapes_mismatch,
                                threshold_verdict, write_json_atomic, write_table, _repo_root)
 from segbook.bench import latency_summary, time_alternately
 from segbook.evaluation import evaluate_coco, predictions_to_coco
@@ -86,7 +86,6 @@ WEIGHTS = _repo_root() / "weights" / "shapes_resnet18.pt"
 # evaluation uses the threads experiment_context allows (two); the timings below run on one
 dev = resolve_device(device, dist_info())  # 'auto' -> cuda when there is one
 
-
 # %% [markdown]
 # ## The models
 #
@@ -95,10 +94,7 @@ dev = resolve_device(device, dist_info())  # 'auto' -> cuda when there is one
 # Without, this notebook trains its own tiny ones with the same command on a tiny large-preset data set.
 
 # %%
-def finished(run:Path) -> bool:
-    if not (run / "last.pt").exists() or not (run / "metrics.jsonl").exists(): return False
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return max((r.get("iter", 0) for r in recs), default=0) == load_config(run / "config.yaml").solver.max_iters
+finished = run_finished   # last.pt and the last iteration of the run's own schedule logged
 
 if runs_from:
     runs = {s: ctx.out.parent / runs_from / "runs" / f"maskrcnn_s{s}" for s in seeds}
