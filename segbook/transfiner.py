@@ -4,12 +4,11 @@
 
 # %% auto #0
 __all__ = ['NEIGHBOURS', 'TransfinerConfig', 'fpn_strides', 'roi_pyramid_features', 'IncoherenceDetector', 'dice_loss',
-           'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'encoder_layer',
-           'interleave_sequences', 'merge_sequences', 'RefinementTransformer', 'TransfinerHead',
-           'build_torchvision_maskrcnn', 'top_per_image', 'refined_detections', 'pad_masks', 'MaskRCNNTransfiner',
-           'istr_config', 'clip_to_images', 'query_masks', 'topk_pairs', 'ISTRTransfiner', 'build_transfiner',
-           'refine_replaced', 'matched_gt', 'matched_detections', 'incoherence_scores', 'detector_recall',
-           'thresholds_for_recall', 'incoherent_oracle']
+           'incoherence_loss', 'incoherence_metrics', 'sine_position', 'NodeEncoder', 'encoder_layer', 'sequence_slots',
+           'RefinementTransformer', 'TransfinerHead', 'build_torchvision_maskrcnn', 'top_per_image',
+           'refined_detections', 'pad_masks', 'MaskRCNNTransfiner', 'istr_config', 'clip_to_images', 'query_masks',
+           'topk_pairs', 'ISTRTransfiner', 'build_transfiner', 'refine_replaced', 'matched_gt', 'matched_detections',
+           'incoherence_scores', 'detector_recall', 'thresholds_for_recall', 'incoherent_oracle']
 
 # %% ../nbs/08_transfiner.ipynb #7615a8f9
 import math
@@ -294,19 +293,16 @@ def encoder_layer(layer:nn.TransformerEncoderLayer, # post-norm (norm_first=Fals
     x = layer.norm1(x + layer.dropout1(mha.out_proj(a.transpose(1, 2).reshape(R, K, d))))
     return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
 
-def interleave_sequences(x:torch.Tensor, # [R,K,...] one sequence per RoI
-                         n:int, # sequences per RoI
-                        ) -> torch.Tensor: # [R*n,⌈K/n⌉,...]: sequence j of RoI r holds its tokens j, j+n, j+2n, … (zero-padded)
-    "Deal each RoI's K tokens into n interleaved sequences (token i to sequence i mod n); `merge_sequences` undoes it."
-    R, K = x.shape[:2]
-    L = -(-K // n)
-    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * L - K))
-    return x.view(R, L, n, *x.shape[2:]).transpose(1, 2).reshape(R * n, L, *x.shape[2:])
-
-def merge_sequences(y:torch.Tensor, # [R*n,L,...] from `interleave_sequences`
-                    n:int, K:int) -> torch.Tensor: # [R,K,...] each token back at its place in its RoI's sequence
-    L = y.shape[1]
-    return y.view(-1, n, L, *y.shape[2:]).transpose(1, 2).reshape(-1, n * L, *y.shape[2:])[:, :K]
+def sequence_slots(valid:torch.Tensor, # [R,K] bool valid tokens of each RoI's sequence
+                   max_tokens:int, # S: tokens per attention sequence at most
+                  ) -> tuple: # slot [R,K] int64 into an [R·n, L] grid of sequences (padding: R·n·L), n, L
+    "Deal each RoI's K_r valid tokens into ⌈K_r/S⌉ interleaved sequences: its i-th valid token to sequence i mod ⌈K_r/S⌉."
+    R, K = valid.shape
+    n, L = -(-K // max_tokens), min(K, max_tokens)                   # sequences per RoI at most, their length (no host sync)
+    i = valid.long().cumsum(1) - 1                                    # [R,K] rank of each valid token within its RoI
+    n_r = ((valid.sum(1, keepdim=True) + max_tokens - 1) // max_tokens).clamp(min=1)   # [R,1] this RoI's sequences
+    slot = (torch.arange(R, device=valid.device)[:, None] * n + i % n_r) * L + torch.div(i, n_r, rounding_mode="floor")
+    return torch.where(valid, slot, torch.full_like(slot, R * n * L)), n, L
 
 class RefinementTransformer(nn.Module):
     "Sequence encoder (post-norm DETR-style layers over all levels of an RoI) + pixel decoder (2-layer MLP → logit)."
@@ -323,15 +319,18 @@ class RefinementTransformer(nn.Module):
                 sequence_tokens:Optional[int]=None, # attend within interleaved sequences of ≤ this many tokens; None = all K
                ) -> torch.Tensor: # [R,K] refined mask logits
         R, K = valid.shape
-        n = 1 if sequence_tokens is None else -(-K // sequence_tokens)
-        if n > 1:
-            tokens, valid = interleave_sequences(tokens, n), interleave_sequences(valid, n)
+        split = sequence_tokens is not None and K > sequence_tokens
+        if split:   # every token to its slot in its RoI's interleaved sequences; padding to one extra slot, dropped
+            slot, n, L = sequence_slots(valid, sequence_tokens)
+            where = (slot.flatten(),)
+            tokens = tokens.new_zeros(R * n * L + 1, tokens.shape[-1]).index_put_(where, tokens.flatten(0, 1))[:-1].view(R * n, L, -1)
+            valid = valid.new_zeros(R * n * L + 1).index_put_(where, valid.flatten())[:-1].view(R * n, L)
         attend = valid | ~valid.any(1, keepdim=True)  # an all-padding row attends to every token (output unused): no NaN
         x = tokens
         for layer in self.encoder.layers:
             x = encoder_layer(layer, x, attend)
         logits = self.decoder(x)[..., 0]
-        return merge_sequences(logits, n, K) if n > 1 else logits
+        return torch.cat([logits.flatten(), logits.new_zeros(1)])[slot] if split else logits
 
 # %% ../nbs/08_transfiner.ipynb #5542b088
 class TransfinerHead(nn.Module):

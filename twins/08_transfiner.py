@@ -374,7 +374,8 @@ class NodeEncoder(nn.Module):
 # **Sequence length at test** (`sequence_tokens`, this book's switch; `None` = one sequence per RoI, as the paper).
 # Training sequences hold `levels × nodes_per_level` tokens (3 × 100 in the paper's supplement, 3 × 64 in the CPU
 # config), but at test an RoI can hold a thousand nodes, and attention costs K² per RoI. With `sequence_tokens = S`,
-# an RoI's K tokens are dealt into n = ⌈K/S⌉ interleaved sequences (token i to sequence i mod n). Tokens are sorted
+# an RoI's K tokens are dealt into n = ⌈K/S⌉ interleaved sequences (token i to sequence i mod n; `sequence_slots`), each
+# RoI by its own count, so its result does not depend on the other RoIs in the batch. Tokens are sorted
 # coarse to fine and in raster order within a level, so every sequence holds nodes of all three levels spread over
 # the whole RoI, as the random training subsets do. Attention then costs K²/n per RoI. This is not exact: a node
 # attends to the nodes of its own sequence only. The chapter's experiments measure what it changes (mask AP and
@@ -395,19 +396,16 @@ def encoder_layer(layer:nn.TransformerEncoderLayer, # post-norm (norm_first=Fals
     x = layer.norm1(x + layer.dropout1(mha.out_proj(a.transpose(1, 2).reshape(R, K, d))))
     return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
 
-def interleave_sequences(x:torch.Tensor, # [R,K,...] one sequence per RoI
-                         n:int, # sequences per RoI
-                        ) -> torch.Tensor: # [R*n,⌈K/n⌉,...]: sequence j of RoI r holds its tokens j, j+n, j+2n, … (zero-padded)
-    "Deal each RoI's K tokens into n interleaved sequences (token i to sequence i mod n); `merge_sequences` undoes it."
-    R, K = x.shape[:2]
-    L = -(-K // n)
-    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * L - K))
-    return x.view(R, L, n, *x.shape[2:]).transpose(1, 2).reshape(R * n, L, *x.shape[2:])
-
-def merge_sequences(y:torch.Tensor, # [R*n,L,...] from `interleave_sequences`
-                    n:int, K:int) -> torch.Tensor: # [R,K,...] each token back at its place in its RoI's sequence
-    L = y.shape[1]
-    return y.view(-1, n, L, *y.shape[2:]).transpose(1, 2).reshape(-1, n * L, *y.shape[2:])[:, :K]
+def sequence_slots(valid:torch.Tensor, # [R,K] bool valid tokens of each RoI's sequence
+                   max_tokens:int, # S: tokens per attention sequence at most
+                  ) -> tuple: # slot [R,K] int64 into an [R·n, L] grid of sequences (padding: R·n·L), n, L
+    "Deal each RoI's K_r valid tokens into ⌈K_r/S⌉ interleaved sequences: its i-th valid token to sequence i mod ⌈K_r/S⌉."
+    R, K = valid.shape
+    n, L = -(-K // max_tokens), min(K, max_tokens)                   # sequences per RoI at most, their length (no host sync)
+    i = valid.long().cumsum(1) - 1                                    # [R,K] rank of each valid token within its RoI
+    n_r = ((valid.sum(1, keepdim=True) + max_tokens - 1) // max_tokens).clamp(min=1)   # [R,1] this RoI's sequences
+    slot = (torch.arange(R, device=valid.device)[:, None] * n + i % n_r) * L + torch.div(i, n_r, rounding_mode="floor")
+    return torch.where(valid, slot, torch.full_like(slot, R * n * L)), n, L
 
 class RefinementTransformer(nn.Module):
     "Sequence encoder (post-norm DETR-style layers over all levels of an RoI) + pixel decoder (2-layer MLP → logit)."
@@ -424,15 +422,18 @@ class RefinementTransformer(nn.Module):
                 sequence_tokens:Optional[int]=None, # attend within interleaved sequences of ≤ this many tokens; None = all K
                ) -> torch.Tensor: # [R,K] refined mask logits
         R, K = valid.shape
-        n = 1 if sequence_tokens is None else -(-K // sequence_tokens)
-        if n > 1:
-            tokens, valid = interleave_sequences(tokens, n), interleave_sequences(valid, n)
+        split = sequence_tokens is not None and K > sequence_tokens
+        if split:   # every token to its slot in its RoI's interleaved sequences; padding to one extra slot, dropped
+            slot, n, L = sequence_slots(valid, sequence_tokens)
+            where = (slot.flatten(),)
+            tokens = tokens.new_zeros(R * n * L + 1, tokens.shape[-1]).index_put_(where, tokens.flatten(0, 1))[:-1].view(R * n, L, -1)
+            valid = valid.new_zeros(R * n * L + 1).index_put_(where, valid.flatten())[:-1].view(R * n, L)
         attend = valid | ~valid.any(1, keepdim=True)  # an all-padding row attends to every token (output unused): no NaN
         x = tokens
         for layer in self.encoder.layers:
             x = encoder_layer(layer, x, attend)
         logits = self.decoder(x)[..., 0]
-        return merge_sequences(logits, n, K) if n > 1 else logits
+        return torch.cat([logits.flatten(), logits.new_zeros(1)])[slot] if split else logits
 
 
 # %% [markdown]
@@ -1132,15 +1133,17 @@ tok, val = torch.randn(3, 50, 32), torch.arange(50)[None] < torch.tensor([[50], 
 with torch.no_grad():
     ours, theirs = tr(tok, val), tr.decoder(tr.encoder(tok, src_key_padding_mask=~val & val.any(1, keepdim=True)))[..., 0]
 assert torch.allclose(ours[val], theirs[val], atol=1e-5) and torch.isfinite(ours).all()
-# interleaved sequences: a round trip is the identity, sequence j holds tokens j, j+n, …, and a length ≥ K changes nothing
-x = torch.arange(2 * 7).view(2, 7)
-assert interleave_sequences(x, 3)[0].tolist() == [0, 3, 6] and interleave_sequences(x, 3)[4].tolist() == [8, 11, 0]
-assert torch.equal(merge_sequences(interleave_sequences(tok, 4), 4, 50), tok)
+# interleaved sequences (S = 17): RoI 0's 50 tokens go to 3 sequences (token i to i mod 3), RoI 1's 20 to 2, padding nowhere
+slot, n, L = sequence_slots(val, 17)
+assert (n, L) == (3, 17) and slot[0, :4].tolist() == [0, 17, 34, 1] and slot[1, :3].tolist() == [51, 68, 52]
+assert (slot[~val] == 3 * 3 * 17).all() and len(slot[val].unique()) == int(val.sum())
 with torch.no_grad():
-    assert torch.equal(tr(tok, val, sequence_tokens=50), ours)
-    split = tr(tok, val, sequence_tokens=17)            # 3 sequences of 17 per RoI: each token sees a third of its RoI
-    alone = tr(tok[:1, 1::3], val[:1, 1::3])            # RoI 0's second sequence, run by itself
-assert torch.allclose(split[0, 1::3], alone[0], atol=1e-5) and not torch.allclose(split[val], ours[val], atol=1e-3)
+    assert torch.equal(tr(tok, val, sequence_tokens=50), ours)   # an RoI within the length: exactly one sequence
+    split = tr(tok, val, sequence_tokens=17)
+    alone = tr(tok[:1, 1::3], val[:1, 1::3])                     # RoI 0's second sequence, run by itself
+    alone1 = tr(tok[1:2, 0:20:2], val[1:2, 0:20:2])              # RoI 1's first: its own split, whatever else is in the batch
+assert torch.allclose(split[0, 1::3], alone[0], atol=1e-5) and torch.allclose(split[1, 0:20:2], alone1[0], atol=1e-5)
+assert not torch.allclose(split[val], ours[val], atol=1e-3) and torch.isfinite(split).all()
 
 # %% [markdown]
 # A few dozen steps of the head alone (the detector's L_Inc + L_Refine, weighted 0.5 and 1) on these four RoIs; the
@@ -1198,7 +1201,8 @@ save_figure(fig, "transfiner_refinement.png")
 
 # %%
 n_seq = 3
-seq_of = torch.arange(nodes.valid.shape[1]) % n_seq          # interleave_sequences' dealing: token i -> sequence i mod n
+slot, n, L = sequence_slots(nodes.valid[:1], -(-int(nodes.valid[0].sum()) // n_seq))   # S such that RoI 0 needs 3
+seq_of = torch.div(slot[0], L, rounding_mode="floor")        # the sequence each of RoI 0's tokens attends within
 colours = torch.tensor([[0.95, 0.3, 0.25], [0.3, 0.8, 0.3], [0.3, 0.5, 1.0]])
 fig, ax = plt.subplots(1, len(cfg.sizes), figsize=(10, 3.8))
 for l, (a, s) in enumerate(zip(ax, cfg.sizes)):
