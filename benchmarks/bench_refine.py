@@ -5,9 +5,8 @@ with `refine` off (the coarse 28² masks) and on, called alternately (`segbook.b
 round), for each refinement setting: the official code's top-10 detections per image (`refine_topk`), optionally
 gated by detection score (`refine_min_score`, this book's switch), each with one attention sequence per RoI (the
 paper) or with interleaved sequences of at most --sequence-tokens tokens (`sequence_tokens`, this book's switch, not
-exact). Reports the median per-image time of each, the
-ratio refined / coarse (of the per-image medians summed over the images), and the peak memory of one call above its
-start (CPU: VmHWM after a reset; CUDA: max_memory_allocated).
+exact). Reports the median per-image time of each, the ratio refined / coarse (of the per-image medians summed over
+the images), and the peak memory of one call above its start (CPU: VmHWM after a reset; CUDA: max_memory_allocated).
 
 Then, on the RoIs the head was handed for those images: where the refinement time goes (detector, quadtree and node
 selection, node encoder, transformer, propagation), and what each rewrite buys, the previous implementation timed
